@@ -1,0 +1,1 @@
+"""Indexer: dataset readers, the encode pipeline and the index writer."""

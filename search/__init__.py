@@ -1,0 +1,1 @@
+"""Search core: encoders, index storage, FAISS wrapper, Searcher and retrieval metrics."""

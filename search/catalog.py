@@ -1,0 +1,107 @@
+"""SQLite catalog of an index: which image and caption each vector row stands for.
+
+images(id, path, width, height) with `path` relative to the image root; captions(id, image_id, text). Ids are the
+row numbers of the vectors and of the FAISS indexes. Read connections are opened per thread (sqlite3 objects must
+not cross threads), and read-only.
+"""
+from __future__ import annotations
+
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+CATALOG_NAME = "catalog.sqlite"
+
+SCHEMA = """
+CREATE TABLE images (id INTEGER PRIMARY KEY, path TEXT NOT NULL UNIQUE, width INTEGER, height INTEGER);
+CREATE TABLE captions (id INTEGER PRIMARY KEY, image_id INTEGER NOT NULL REFERENCES images(id), text TEXT NOT NULL);
+CREATE INDEX captions_by_image ON captions(image_id);
+"""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    id: int
+    path: str
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class CaptionRecord:
+    id: int
+    image_id: int
+    text: str
+
+
+class CatalogWriter:
+    """Appends images and captions with consecutive ids starting at 0."""
+
+    def __init__(self, path: Path):
+        self.conn = sqlite3.connect(path)
+        self.conn.executescript(SCHEMA)
+        self.n_images = 0
+        self.n_captions = 0
+
+    def add(self, path: str, width: int, height: int, captions: Sequence[str]) -> tuple[int, list[int]]:
+        image_id = self.n_images
+        self.conn.execute("INSERT INTO images VALUES (?, ?, ?, ?)", (image_id, path, width, height))
+        caption_ids = list(range(self.n_captions, self.n_captions + len(captions)))
+        self.conn.executemany("INSERT INTO captions VALUES (?, ?, ?)",
+                              [(cid, image_id, text) for cid, text in zip(caption_ids, captions)])
+        self.n_images += 1
+        self.n_captions += len(captions)
+        return image_id, caption_ids
+
+    def close(self) -> None:
+        self.conn.commit()
+        self.conn.close()
+
+
+class Catalog:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._local = threading.local()
+
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+            self._local.conn = conn
+        return conn
+
+    def count(self, table: str) -> int:
+        assert table in ("images", "captions")
+        return int(self._conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+
+    def images(self, ids: Iterable[int]) -> dict[int, ImageRecord]:
+        ids = [int(i) for i in ids]
+        rows = self._select("SELECT id, path, width, height FROM images WHERE id IN ({})", ids)
+        return {row[0]: ImageRecord(*row) for row in rows}
+
+    def captions_of(self, image_ids: Iterable[int]) -> dict[int, list[str]]:
+        image_ids = [int(i) for i in image_ids]
+        out: dict[int, list[str]] = {i: [] for i in image_ids}
+        for image_id, text in self._select(
+                "SELECT image_id, text FROM captions WHERE image_id IN ({}) ORDER BY id", image_ids):
+            out[image_id].append(text)
+        return out
+
+    def captions(self, ids: Iterable[int]) -> dict[int, CaptionRecord]:
+        ids = [int(i) for i in ids]
+        rows = self._select("SELECT id, image_id, text FROM captions WHERE id IN ({})", ids)
+        return {row[0]: CaptionRecord(*row) for row in rows}
+
+    def caption_image_ids(self) -> list[int]:
+        """image id of every caption, in caption id order (the ground truth for recall@k)."""
+        return [row[0] for row in self._conn.execute("SELECT image_id FROM captions ORDER BY id")]
+
+    def _select(self, sql: str, ids: list[int]) -> list[tuple]:
+        rows: list[tuple] = []
+        for start in range(0, len(ids), 500):  # stay under SQLite's bound-parameter limit
+            chunk = ids[start:start + 500]
+            rows += self._conn.execute(sql.format(",".join("?" * len(chunk))), chunk).fetchall()
+        return rows

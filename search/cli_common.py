@@ -1,0 +1,48 @@
+"""What every command-line entry point shares: model arguments, logging set-up and turning EngineErrors into a
+one-line message on stderr with a non-zero exit code."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Sequence
+
+from .encoders import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from .errors import EngineError
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+def add_model_args(parser: argparse.ArgumentParser, default_from_index: bool = False) -> None:
+    where = "the model the index was built with" if default_from_index else f"{DEFAULT_MODEL}"
+    parser.add_argument("--model", default=None,
+                        help=f"open_clip model name, local-dir:PATH or hf-hub:ORG/REPO (default: {where})")
+    parser.add_argument("--pretrained", default=None,
+                        help=f"open_clip pretrained tag, checkpoint file, or 'none' for random weights "
+                             f"(default for {DEFAULT_MODEL}: {DEFAULT_PRETRAINED})")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when present, else cpu)")
+
+
+def _own_records(record: logging.LogRecord) -> bool:
+    """Keep our loggers' records; libraries (open_clip logs on the root logger, huggingface_hub, httpx) explain
+    failures that we already report as one line of our own."""
+    return record.name.split(".")[0] in ("search", "indexer", "web", "__main__")
+
+
+def run_cli(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,
+            argv: Sequence[str] | None = None) -> int:
+    """Parse, configure logging, run; EngineError → 'error: ...' on stderr and exit 1, Ctrl-C → exit 130."""
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+                        format="%(levelname)s %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_own_records)
+    try:
+        return main(args) or 0
+    except EngineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

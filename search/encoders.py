@@ -1,0 +1,111 @@
+"""The one encoder interface and the registry that builds encoders from a spec.
+
+Everything outside the encoder implementations talks to models through `Encoder`; only the implementation modules
+import a model library. An `EncoderSpec` names a model fully enough to rebuild it, and is what index manifests store.
+"""
+from __future__ import annotations
+
+import abc
+import importlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .errors import ModelLoadError
+
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+LOCAL_DIR_PREFIX = "local-dir:"
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Identity of a model: implementation family, model name and pretrained weights tag or file (None = in folder).
+
+    Paths inside a spec are absolute so that an index remembers exactly which weights it was built with.
+    """
+
+    family: str = "open_clip"
+    model: str = DEFAULT_MODEL
+    pretrained: str | None = DEFAULT_PRETRAINED
+
+    @classmethod
+    def from_args(cls, model: str | None, pretrained: str | None, family: str = "open_clip") -> "EncoderSpec":
+        """Normalise CLI-style arguments: local paths become absolute, 'none' means random initialisation."""
+        model = model or DEFAULT_MODEL
+        if model.startswith(LOCAL_DIR_PREFIX):
+            folder = Path(model[len(LOCAL_DIR_PREFIX):]).expanduser()
+            return cls(family, LOCAL_DIR_PREFIX + str(folder.resolve()), None)
+        if pretrained is None:
+            pretrained = DEFAULT_PRETRAINED if model == DEFAULT_MODEL else None
+        if pretrained is not None and pretrained.lower() == "none":
+            pretrained = "none"
+        elif pretrained is not None and Path(pretrained).expanduser().exists():
+            pretrained = str(Path(pretrained).expanduser().resolve())
+        return cls(family, model, pretrained)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EncoderSpec":
+        return cls(data.get("family", "open_clip"), data["model"], data.get("pretrained"))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return self.model if self.pretrained is None else f"{self.model} ({self.pretrained})"
+
+
+class Encoder(abc.ABC):
+    """A dual encoder mapping images and texts into one space.
+
+    Contract: `encode_images` and `encode_texts` return L2-normalised float32 arrays of shape [N, dim], row i for
+    input i, and an empty [0, dim] array for empty input. `preprocess_image` + `encode_pixels` split image encoding so
+    callers can preprocess in worker threads; `encode_images` is the two joined.
+    """
+
+    spec: EncoderSpec
+    dim: int
+
+    @property
+    @abc.abstractmethod
+    def fingerprint(self) -> str:
+        """Short stable hash of the weights: two encoders with equal fingerprints embed identically."""
+
+    @abc.abstractmethod
+    def preprocess_image(self, image: Image.Image) -> np.ndarray:
+        """One RGB PIL image → the model's input array (thread-safe, no model call)."""
+
+    @abc.abstractmethod
+    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """A stacked batch of `preprocess_image` outputs → normalised embeddings."""
+
+    @abc.abstractmethod
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts → normalised embeddings."""
+
+    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        if not images:
+            return np.zeros((0, self.dim), np.float32)
+        return self.encode_pixels(np.stack([self.preprocess_image(im) for im in images]))
+
+
+# family → "module:factory"; factories take an EncoderSpec and keyword options. Imported lazily so that the model
+# library is loaded only when a model is actually built.
+_REGISTRY: dict[str, str] = {"open_clip": "search.openclip_encoder:load_open_clip"}
+
+
+def register_encoder(family: str, factory_path: str) -> None:
+    """Make `create_encoder` build specs of `family` with the factory at 'module:function'."""
+    _REGISTRY[family] = factory_path
+
+
+def create_encoder(spec: EncoderSpec, **options) -> Encoder:
+    """Build the encoder a spec names. Raises ModelLoadError with a one-line reason on any failure."""
+    if spec.family not in _REGISTRY:
+        raise ModelLoadError(f"unknown encoder family '{spec.family}' (known: {', '.join(sorted(_REGISTRY))})")
+    module_name, func_name = _REGISTRY[spec.family].split(":")
+    factory: Callable[..., Encoder] = getattr(importlib.import_module(module_name), func_name)
+    return factory(spec, **options)

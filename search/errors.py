@@ -1,0 +1,37 @@
+"""Errors the engine reports to users.
+
+Every error here carries a one-line message meant to be shown as is; CLIs print it and exit non-zero, the web API
+turns it into a JSON 4xx. Anything else escaping the library is a bug.
+"""
+
+
+class EngineError(Exception):
+    """Base class: a problem with the user's input, data or environment, explained in one line."""
+
+
+class ModelLoadError(EngineError):
+    """The encoder could not be built (unknown model, missing weights, no network for a download)."""
+
+
+class ModelMismatchError(EngineError):
+    """An index is opened with a different model than the one it was built with."""
+
+
+class IndexFormatError(EngineError):
+    """A directory is not a (readable) index, or its files disagree with each other."""
+
+
+class IndexExistsError(EngineError):
+    """The output directory already holds something and --overwrite was not given."""
+
+
+class DatasetError(EngineError):
+    """An annotation file or image folder cannot be read, or yields nothing usable."""
+
+
+class ImageReadError(EngineError):
+    """An image cannot be decoded (missing, corrupt, truncated, not an image, too large)."""
+
+
+class QueryError(EngineError):
+    """A query is empty, too long or otherwise unusable."""

@@ -1,0 +1,189 @@
+"""open_clip implementation of `Encoder`: the only module of the project that imports open_clip.
+
+Loads built-in names with a pretrained tag or checkpoint file, `local-dir:PATH` folders (open_clip_config.json +
+weights) and `hf-hub:ORG/REPO`. Uses open_clip's own preprocessing and tokenizer.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .encoders import LOCAL_DIR_PREFIX, Encoder, EncoderSpec
+from .errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+HUB_HOST = "huggingface.co"
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """True when the model hub answers a TCP connect; the hub client itself retries for ~50 s before giving up."""
+    try:
+        with socket.create_connection((HUB_HOST, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline_if_unreachable(needs_hub: bool):
+    """Without a network, let huggingface_hub serve only its local cache, so a missing download fails at once."""
+    if not needs_hub or _hub_reachable():
+        yield False
+        return
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield True
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def _weights_fingerprint(model: torch.nn.Module) -> str:
+    digest = hashlib.blake2b(digest_size=8)
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _pick_device(device: str | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _check_spec(spec: EncoderSpec) -> None:
+    """Catch the mistakes open_clip would only warn about (and then run with random weights)."""
+    import open_clip
+
+    if spec.model.startswith(LOCAL_DIR_PREFIX):
+        folder = Path(spec.model[len(LOCAL_DIR_PREFIX):])
+        if not (folder / "open_clip_config.json").is_file():
+            raise ModelLoadError(f"model folder {folder} has no open_clip_config.json")
+        if not any(any(folder.glob(p)) for p in ("*.safetensors", "*.bin", "*.pth", "*.pt")):
+            raise ModelLoadError(f"model folder {folder} has no weights file (*.safetensors, *.bin, *.pth)")
+        return
+    if spec.model.startswith("hf-hub:"):
+        return
+    if spec.model.replace("/", "-") not in open_clip.list_models():
+        raise ModelLoadError(f"unknown open_clip model '{spec.model}' (see open_clip.list_models())")
+    tags = open_clip.list_pretrained_tags_by_model(spec.model)
+    known = ", ".join(tags) or "none published"
+    if spec.pretrained is None:
+        raise ModelLoadError(f"model '{spec.model}' needs --pretrained: a tag ({known}), a checkpoint file, or 'none'")
+    if spec.pretrained != "none" and spec.pretrained not in tags and not os.path.isfile(spec.pretrained):
+        raise ModelLoadError(f"--pretrained '{spec.pretrained}' is neither an existing file nor a tag of "
+                             f"{spec.model} ({known})")
+
+
+def load_open_clip(spec: EncoderSpec, device: str | None = None, batch_size: int = 64) -> "OpenClipEncoder":
+    """Build an encoder from a spec; every failure becomes a one-line ModelLoadError."""
+    import open_clip
+
+    _check_spec(spec)
+    pretrained = None if spec.pretrained in (None, "none") else spec.pretrained
+    is_tag = pretrained is not None and not os.path.exists(pretrained)
+    needs_hub = spec.model.startswith("hf-hub:") or is_tag
+    try:
+        with _hub_offline_if_unreachable(needs_hub) as offline:
+            model, _, preprocess = open_clip.create_model_and_transforms(spec.model, pretrained=pretrained)
+            tokenizer = open_clip.get_tokenizer(spec.model)
+    except Exception as exc:  # open_clip raises RuntimeError/ValueError/OSError/HF errors alike
+        message = str(exc).lower()
+        download_failed = any(word in message for word in ("download", "hf hub", "connection", "offline"))
+        if needs_hub and (offline or download_failed):
+            raise ModelLoadError(
+                f"cannot download weights for {spec} (no connection to {HUB_HOST}); pass a local checkpoint with "
+                f"--pretrained /path/to/weights.safetensors or a folder with --model local-dir:/path/to/folder"
+            ) from None
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load model {spec}: {first_line}") from None
+    return OpenClipEncoder(spec, model, preprocess, tokenizer, _pick_device(device), batch_size)
+
+
+class OpenClipEncoder(Encoder):
+    def __init__(self, spec: EncoderSpec, model, preprocess, tokenizer, device: torch.device, batch_size: int = 64):
+        self.spec = spec
+        self.device = device
+        self.batch_size = batch_size
+        self.model = model.to(device).eval()
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self._fingerprint: str | None = None
+        self.dim = 0  # towers differ in where they keep the width: ask the model once instead
+        self.dim = int(self.encode_texts(["a photo"]).shape[1])
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:  # hashing ViT-B-32 takes about a second: only when asked
+            self._fingerprint = _weights_fingerprint(self.model)
+        return self._fingerprint
+
+    def preprocess_image(self, image: Image.Image) -> np.ndarray:
+        return self.preprocess(image).numpy()
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        out = []
+        for start in range(0, len(pixels), self.batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(pixels[start:start + self.batch_size])).to(self.device)
+            out.append(self.model.encode_image(batch, normalize=True).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            tokens = self.tokenizer(list(texts[start:start + self.batch_size])).to(self.device)
+            out.append(self.model.encode_text(tokens, normalize=True).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+
+LOCAL_DIR_CONFIG = "open_clip_config.json"
+LOCAL_DIR_WEIGHTS = "open_clip_model.safetensors"
+
+
+def save_local_dir(encoder: OpenClipEncoder, folder: Path, model_cfg: dict) -> Path:
+    """Write `encoder`'s weights as an open_clip local-dir folder (config + safetensors), loadable with
+    `--model local-dir:FOLDER`."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    visual = encoder.model.visual
+    preprocess_cfg = {"mean": list(visual.image_mean or ()), "std": list(visual.image_std or ())}
+    config = {"model_cfg": model_cfg, "preprocess_cfg": {k: v for k, v in preprocess_cfg.items() if v}}
+    (folder / LOCAL_DIR_CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in encoder.model.state_dict().items()}
+    save_file(state, str(folder / LOCAL_DIR_WEIGHTS))
+    return folder
+
+
+def init_local_dir(model_cfg: dict, folder: Path, seed: int = 0) -> Path:
+    """Create a randomly initialised model from an open_clip model config and save it as a local-dir folder."""
+    import json
+
+    import open_clip
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / LOCAL_DIR_CONFIG).write_text(json.dumps({"model_cfg": model_cfg}), encoding="utf-8")
+    torch.manual_seed(seed)
+    spec = EncoderSpec.from_args(LOCAL_DIR_PREFIX + str(folder), None)
+    model, _, preprocess = open_clip.create_model_and_transforms(spec.model)  # no weights yet: random init
+    encoder = OpenClipEncoder(spec, model, preprocess, open_clip.get_tokenizer(spec.model), torch.device("cpu"))
+    return save_local_dir(encoder, folder, model_cfg)

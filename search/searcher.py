@@ -1,0 +1,127 @@
+"""Searcher: text→image, image→image and image→text over one opened index, with its model loaded once.
+
+Pure core: returns `Hit`s, raises EngineError subclasses, never prints. Safe to share between threads: the FAISS
+indexes and vectors are read-only and model calls are serialised by a lock.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .encoders import Encoder, EncoderSpec, create_encoder
+from .errors import QueryError
+from .images import DEFAULT_MAX_MEGAPIXELS, ImageSource, load_image
+from .store import StoredIndex, open_index
+
+TARGETS = ("images", "captions")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    max_query_chars: int = 1000
+    max_k: int = 1000
+    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
+    text_cache_size: int = 256
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One result. For image targets `captions` lists the image's captions; for caption targets `caption` is the
+    matched caption and `image` the image it describes."""
+
+    rank: int
+    score: float
+    image_id: int
+    image: str
+    captions: tuple[str, ...] = ()
+    caption_id: int | None = None
+    caption: str | None = None
+
+
+class Searcher:
+    def __init__(self, index: StoredIndex, encoder: Encoder, config: SearchConfig = SearchConfig()):
+        index.check_encoder(encoder)
+        self.index = index
+        self.encoder = encoder
+        self.config = config
+        self._lock = threading.Lock()
+        self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    @classmethod
+    def open(cls, index_dir: Path | str, model: str | None = None, pretrained: str | None = None,
+             device: str | None = None, config: SearchConfig = SearchConfig()) -> "Searcher":
+        """Open an index with the model it was built with, or with `model`/`pretrained` (which must match)."""
+        index = open_index(index_dir)
+        spec = index.manifest.encoder if model is None else EncoderSpec.from_args(model, pretrained)
+        return cls(index, create_encoder(spec, device=device), config)
+
+    # -- query encoding ---------------------------------------------------------------------------------------------
+
+    def encode_text(self, text: str) -> np.ndarray:
+        text = (text or "").strip()
+        if not text:
+            raise QueryError("empty text query")
+        if len(text) > self.config.max_query_chars:
+            raise QueryError(f"text query is {len(text)} characters; the limit is {self.config.max_query_chars}")
+        with self._lock:
+            cached = self._text_cache.get(text)
+            if cached is not None:
+                self._text_cache.move_to_end(text)
+                return cached
+            vector = self.encoder.encode_texts([text])[0]
+            self._text_cache[text] = vector
+            if len(self._text_cache) > self.config.text_cache_size:
+                self._text_cache.popitem(last=False)
+            return vector
+
+    def encode_image(self, image: ImageSource) -> np.ndarray:
+        decoded = load_image(image, self.config.max_megapixels)
+        pixels = self.encoder.preprocess_image(decoded)[None]
+        with self._lock:
+            return self.encoder.encode_pixels(pixels)[0]
+
+    # -- search -----------------------------------------------------------------------------------------------------
+
+    def search(self, *, text: str | None = None, image: ImageSource | None = None, target: str = "images",
+               k: int = 10, offset: int = 0) -> list[Hit]:
+        """Exactly one of `text` or `image`; results ranked offset+1 .. offset+k against `target`."""
+        if (text is None) == (image is None):
+            raise QueryError("give exactly one of a text or an image query")
+        vector = self.encode_text(text) if text is not None else self.encode_image(image)
+        return self.search_vector(vector, target=target, k=k, offset=offset)
+
+    def search_vector(self, vector: np.ndarray, target: str = "images", k: int = 10, offset: int = 0) -> list[Hit]:
+        if target not in TARGETS:
+            raise QueryError(f"unknown target '{target}' (choose images or captions)")
+        if not 1 <= k <= self.config.max_k:
+            raise QueryError(f"k must be between 1 and {self.config.max_k}")
+        if offset < 0 or offset + k > self.config.max_k * 10:
+            raise QueryError(f"offset must be between 0 and {self.config.max_k * 10 - k}")
+        vector_index = self.index.images if target == "images" else self.index.captions
+        scores, ids = vector_index.search(vector[None], offset + k)
+        scores, ids = scores[0, offset:], ids[0, offset:]
+        keep = ids >= 0
+        scores, ids = scores[keep], ids[keep]
+        if target == "images":
+            return self._image_hits(scores, ids, offset)
+        return self._caption_hits(scores, ids, offset)
+
+    def _image_hits(self, scores: np.ndarray, ids: np.ndarray, offset: int) -> list[Hit]:
+        records = self.index.catalog.images(ids)
+        captions = self.index.catalog.captions_of(ids)
+        return [Hit(rank=offset + i + 1, score=float(s), image_id=int(j), image=records[int(j)].path,
+                    captions=tuple(captions[int(j)])) for i, (s, j) in enumerate(zip(scores, ids))]
+
+    def _caption_hits(self, scores: np.ndarray, ids: np.ndarray, offset: int) -> list[Hit]:
+        captions = self.index.catalog.captions(ids)
+        images = self.index.catalog.images({c.image_id for c in captions.values()})
+        hits = []
+        for i, (s, j) in enumerate(zip(scores, ids)):
+            caption = captions[int(j)]
+            hits.append(Hit(rank=offset + i + 1, score=float(s), image_id=caption.image_id,
+                            image=images[caption.image_id].path, caption_id=caption.id, caption=caption.text))
+        return hits

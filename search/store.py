@@ -1,0 +1,70 @@
+"""Reading an index directory: manifest, catalog, FAISS indexes and raw vectors, checked against each other.
+
+Layout (names shared with the writer in indexer/writer.py):
+    manifest.json  catalog.sqlite  images.faiss  captions.faiss  image_vectors.npy  caption_vectors.npy
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .catalog import CATALOG_NAME, Catalog
+from .encoders import Encoder
+from .errors import IndexFormatError, ModelMismatchError
+from .manifest import Manifest, read_manifest
+from .vector_index import VectorIndex
+
+IMAGE_INDEX = "images.faiss"
+CAPTION_INDEX = "captions.faiss"
+IMAGE_VECTORS = "image_vectors.npy"
+CAPTION_VECTORS = "caption_vectors.npy"
+
+
+@dataclass
+class StoredIndex:
+    path: Path
+    manifest: Manifest
+    catalog: Catalog
+    images: VectorIndex
+    captions: VectorIndex
+
+    def vectors(self, kind: str) -> np.ndarray:
+        """The raw float32 vectors ('images' or 'captions'), memory-mapped."""
+        name = IMAGE_VECTORS if kind == "images" else CAPTION_VECTORS
+        return np.load(self.path / name, mmap_mode="r")
+
+    def check_encoder(self, encoder: Encoder) -> None:
+        """Raise ModelMismatchError unless `encoder` is the model this index was built with."""
+        built = self.manifest
+        if encoder.spec != built.encoder:
+            raise ModelMismatchError(
+                f"index {self.path} was built with {built.encoder}, not {encoder.spec}; query it with the same model "
+                f"or rebuild it")
+        if encoder.dim != built.dim:
+            raise ModelMismatchError(f"index {self.path} holds {built.dim}-d vectors but the model gives {encoder.dim}-d")
+        if encoder.fingerprint != built.fingerprint:
+            raise ModelMismatchError(
+                f"the weights of {encoder.spec} changed since index {self.path} was built (fingerprint "
+                f"{encoder.fingerprint} != {built.fingerprint}); rebuild the index")
+
+
+def open_index(path: Path | str) -> StoredIndex:
+    """Open an index directory read-only; IndexFormatError when files are missing or disagree."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    for name in (CATALOG_NAME, IMAGE_INDEX, CAPTION_INDEX):
+        if not (path / name).is_file():
+            raise IndexFormatError(f"index {path} is incomplete: {name} is missing")
+    try:
+        images = VectorIndex.load(path / IMAGE_INDEX, manifest.image_factory, manifest.metric)
+        captions = VectorIndex.load(path / CAPTION_INDEX, manifest.caption_factory, manifest.metric)
+    except RuntimeError as exc:
+        raise IndexFormatError(f"index {path}: cannot read FAISS index ({str(exc).splitlines()[0]})") from None
+    for kind, index, expected in (("image", images, manifest.n_images), ("caption", captions, manifest.n_captions)):
+        if index.ntotal != expected or (index.ntotal and index.dim != manifest.dim):
+            raise IndexFormatError(
+                f"index {path}: {kind} index holds {index.ntotal} vectors of dim {index.dim}, manifest says "
+                f"{expected} of dim {manifest.dim}")
+    return StoredIndex(path, manifest, Catalog(path / CATALOG_NAME), images, captions)

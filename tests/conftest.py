@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny open_clip models written as local-dir folders, loaded through the real code path."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from search.encoders import EncoderSpec, create_encoder
+from search.openclip_encoder import init_local_dir, save_local_dir
+
+from .helpers import TINY_MODEL_CFG, draw, make_pairs
+
+logging.getLogger("root").setLevel(logging.ERROR)  # open_clip logs INFO/WARNING on the root logger
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Randomly initialised tiny CLIP (32-d embeddings, 32 px images) as a local-dir folder."""
+    return init_local_dir(TINY_MODEL_CFG, tmp_path_factory.mktemp("tiny_model"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_spec(tiny_model_dir):
+    return f"local-dir:{tiny_model_dir}"
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tiny_model_spec):
+    return create_encoder(EncoderSpec.from_args(tiny_model_spec, None))
+
+
+@pytest.fixture(scope="session")
+def trained_model_dir(tmp_path_factory, tiny_model_spec):
+    """The tiny model trained contrastively to memorise 50 generated pairs: a model with real signal."""
+    encoder = create_encoder(EncoderSpec.from_args(tiny_model_spec, None))
+    pairs = make_pairs(50, seed=1)
+    pixels = torch.from_numpy(np.stack([encoder.preprocess_image(draw(*p[2])) for p in pairs]))
+    tokens = encoder.tokenizer([p[1][0] for p in pairs])
+    model = encoder.model.train()
+    torch.manual_seed(0)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    for _ in range(60):
+        image_features, text_features, scale = model(pixels, tokens)[:3]
+        logits = scale * image_features @ text_features.T
+        labels = torch.arange(len(pairs))
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    model.eval()
+    return save_local_dir(encoder, tmp_path_factory.mktemp("trained_model"), TINY_MODEL_CFG)
