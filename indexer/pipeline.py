@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from search.encoders import Encoder
 from search.errors import DatasetError, ImageReadError
@@ -100,7 +101,7 @@ def build_index(samples: Sequence[Sample], images_root: Path, encoder: Encoder, 
     started = time.perf_counter()
     encode_seconds = 0.0
     skipped: list[dict] = []
-    with IndexWriter(out, config.overwrite, encoder.dim) as writer, \
+    with logging_redirect_tqdm(), IndexWriter(out, config.overwrite, encoder.dim) as writer, \
             ThreadPoolExecutor(config.workers, thread_name_prefix="decode") as pool, \
             tqdm(total=len(samples), unit="img", desc="encoding", disable=not config.progress) as bar:
         for batch in batched(prefetch(pool, load, samples, ahead=2 * config.batch_size), config.batch_size):
