@@ -114,3 +114,16 @@ def reference_recall(image_vectors: np.ndarray, caption_vectors: np.ndarray, cap
             order = sorted(range(len(caption_vectors)), key=lambda j: (-scores[j, i], j in own))
             i2t.append(bool(own & set(order[:k])))
     return 100 * float(np.mean(t2i)), 100 * float(np.mean(i2t))
+
+
+def build_test_index(root: Path, pairs, model_spec: str, name: str = "index") -> Path:
+    """Images + a Karpathy file (all 'test') under root, indexed with `model_spec` through the real CLI."""
+    from indexer.cli import main as indexer_main
+
+    images = write_images(Path(root) / "images", pairs)
+    ann = write_karpathy(Path(root) / "k.json", pairs, ["test"] * len(pairs))
+    out = Path(root) / name
+    code = indexer_main(["build", "--format", "karpathy", "--annotations", str(ann), "--images", str(images),
+                         "--out", str(out), "--model", model_spec, "--quiet"])
+    assert code == 0, f"test index build failed with exit code {code}"
+    return out

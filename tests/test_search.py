@@ -4,25 +4,19 @@ import shutil
 import numpy as np
 import pytest
 
-from indexer.cli import main as indexer_main
 from search.cli import main as search_main
 from search.errors import ImageReadError, ModelMismatchError, QueryError
 from search.images import load_image
 from search.searcher import Searcher
 
-from .helpers import make_pairs, write_karpathy, write_images
+from .helpers import build_test_index, make_pairs
 
 PAIRS = make_pairs(12, seed=3)
 
 
 @pytest.fixture(scope="module")
 def index_dir(tmp_path_factory, tiny_model_spec):
-    root = tmp_path_factory.mktemp("search")
-    images = write_images(root / "images", PAIRS)
-    ann = write_karpathy(root / "k.json", PAIRS, ["test"] * len(PAIRS))
-    assert indexer_main(["build", "--format", "karpathy", "--annotations", str(ann), "--images", str(images),
-                         "--out", str(root / "index"), "--model", tiny_model_spec, "--quiet"]) == 0
-    return root / "index"
+    return build_test_index(tmp_path_factory.mktemp("search"), PAIRS, tiny_model_spec)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,102 @@
+"""The JSON API (stable spellings: scripts rely on them).
+
+GET  /api/search?q=TEXT&k=10&offset=0            text → images
+POST /api/search/image  (multipart `image`; target=images|captions, k, offset)
+GET  /api/search/similar?id=ID&k=10&offset=0      "more like this": an indexed image → images, without re-encoding
+GET  /api/images/ID                               metadata and captions of one image
+GET  /api/health
+"""
+from __future__ import annotations
+
+import time
+
+from flask import Blueprint, jsonify, request, url_for
+from werkzeug.exceptions import BadRequest, NotFound
+
+from search.cli import hit_to_json
+from search.searcher import TARGETS, Hit
+
+from . import engine
+
+api = Blueprint("api", __name__, url_prefix="/api")
+
+
+def _int_arg(source, name: str, default: int) -> int:
+    raw = source.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise BadRequest(f"{name} must be an integer") from None
+
+
+def _paging(source) -> tuple[int, int]:
+    return _int_arg(source, "k", 10), _int_arg(source, "offset", 0)
+
+
+def hit_json(hit: Hit) -> dict:
+    """The CLI's `query --json` result plus what a browser needs: the image id and its thumbnail URL."""
+    extra = {"id": hit.image_id, "thumbnail": url_for("pages.thumbnail", image_id=hit.image_id)}
+    if hit.caption is not None:
+        extra["caption_id"] = hit.caption_id
+    return {**hit_to_json(hit), **extra}
+
+
+def _respond(query, started: float, hits: list[Hit], **extra):
+    return jsonify(query=query, took_ms=round((time.perf_counter() - started) * 1000, 2),
+                   results=[hit_json(h) for h in hits], **extra)
+
+
+@api.get("/search")
+def search_text():
+    started = time.perf_counter()
+    query = request.args.get("q", "")
+    k, offset = _paging(request.args)
+    return _respond(query, started, engine().searcher.search(text=query, k=k, offset=offset))
+
+
+@api.post("/search/image")
+def search_image():
+    started = time.perf_counter()
+    upload = request.files.get("image")
+    if upload is None:
+        raise BadRequest("no file in multipart field 'image'")
+    target = request.form.get("target", "images")
+    if target not in TARGETS:
+        raise BadRequest("target must be images or captions")
+    k, offset = _paging(request.form)
+    hits = engine().searcher.search(image=upload.read(), target=target, k=k, offset=offset)
+    return _respond(upload.filename or "upload", started, hits, target=target)
+
+
+@api.get("/search/similar")
+def search_similar():
+    started = time.perf_counter()
+    image_id = _int_arg(request.args, "id", -1)
+    searcher = engine().searcher
+    if not 0 <= image_id < searcher.index.manifest.n_images:
+        raise NotFound(f"no image with id {image_id}")
+    k, offset = _paging(request.args)
+    vector = searcher.index.vectors("images")[image_id]
+    return _respond(image_id, started, searcher.search_vector(vector, k=k, offset=offset))
+
+
+@api.get("/images/<int:image_id>")
+def image_info(image_id: int):
+    catalog = engine().searcher.index.catalog
+    record = catalog.images([image_id]).get(image_id)
+    if record is None:
+        raise NotFound(f"no image with id {image_id}")
+    return jsonify(id=record.id, image=record.path, width=record.width, height=record.height,
+                   captions=catalog.captions_of([image_id])[image_id],
+                   thumbnail=url_for("pages.thumbnail", image_id=image_id),
+                   url=url_for("pages.original", image_id=image_id))
+
+
+@api.get("/health")
+def health():
+    searcher = engine().searcher
+    manifest = searcher.index.manifest
+    return jsonify(status="ok", images=manifest.n_images, captions=manifest.n_captions, model=str(manifest.encoder),
+                   dim=manifest.dim)

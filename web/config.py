@@ -1,0 +1,33 @@
+"""Typed configuration of the web app."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from search.images import DEFAULT_MAX_MEGAPIXELS
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    index: Path | None = None  # index directory (required)
+    model: str | None = None  # default: the model the index was built with
+    pretrained: str | None = None
+    device: str | None = None
+    images: Path | None = None  # image root; default: the one recorded in the manifest at build time
+    max_upload_mb: float = 20.0
+    max_query_chars: int = 1000
+    max_k: int = 100
+    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
+    thumbnail_size: int = 256
+    thumbnail_dir: Path | None = None  # default: INDEX/.thumbnails, or a temporary folder if the index is read-only
+    text_cache_size: int = 256
+
+    @classmethod
+    def from_mapping(cls, values: dict) -> "WebConfig":
+        """Build from plain keyword values (e.g. gunicorn's `web:create_app(index="...")`); unknown keys are errors."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise TypeError(f"unknown WebConfig settings: {', '.join(sorted(unknown))}")
+        paths = {k: Path(v) for k, v in values.items() if k in ("index", "images", "thumbnail_dir") and v is not None}
+        return replace(cls(), **{**values, **paths})
