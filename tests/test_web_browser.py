@@ -166,3 +166,23 @@ def test_runs_under_gunicorn(server):
     finally:
         process.terminate()
         process.wait(10)
+
+
+@pytest.mark.parametrize("event", ["drop", "paste"])
+def test_image_query_by_drag_and_drop_and_paste(server, browser, event):
+    url, _ = server
+    page = browser.new_page()
+    page.goto(url)
+    # a real File built in the page from an indexed image's bytes, delivered the way the browser delivers it
+    page.evaluate("""async (event) => {
+        const blob = await (await fetch('/image/3')).blob();
+        const data = new DataTransfer();
+        data.items.add(new File([blob], 'dropped.png', {type: 'image/png'}));
+        const target = event === 'drop' ? document.getElementById('drop-zone') : document;
+        const init = {bubbles: true, cancelable: true};
+        target.dispatchEvent(event === 'drop' ? new DragEvent('drop', {...init, dataTransfer: data})
+                                              : new ClipboardEvent('paste', {...init, clipboardData: data}));
+    }""", event)
+    page.wait_for_function("document.getElementById('status').textContent.includes('dropped.png')")
+    assert page.get_attribute("#results .card >> nth=0", "data-id") == "3"
+    page.close()
