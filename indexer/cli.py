@@ -1,14 +1,20 @@
-"""`python -m indexer build ...`: read a dataset, encode it, write an index directory."""
+"""`python -m indexer build|finetune ...`: build an index from a dataset; fine-tune the model on captioned pairs."""
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from search.cli_common import add_model_args, run_cli
-from search.encoders import EncoderSpec, create_encoder
+from search.encoders import DEFAULT_MODEL, EncoderSpec, create_encoder
+from search.errors import IndexExistsError
 from search.images import DEFAULT_MAX_MEGAPIXELS
+from search.openclip_encoder import init_local_dir
+
+from .finetune import STATE_DIR, FinetuneConfig, Trainer
 
 from .pipeline import BuildConfig, build_index
 from .readers import READERS, read_dataset
@@ -30,6 +36,56 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_model_out(out: Path, resume: bool, overwrite: bool) -> None:
+    if resume or not out.exists() or not any(out.iterdir()):
+        return
+    is_model = (out / "open_clip_config.json").is_file() or (out / STATE_DIR).is_dir()
+    if not overwrite:
+        raise IndexExistsError(f"{out} already exists; pass --resume to continue its run or --overwrite to replace it")
+    if not is_model:
+        raise IndexExistsError(f"{out} is a non-empty directory that is not a model folder; refusing to replace it")
+    shutil.rmtree(out)
+
+
+def load_for_training(model: str, pretrained: str | None, out: Path, device: str | None, seed: int):
+    """The encoder to start from and whether its weights are random. `model` may be an open_clip model config JSON
+    file: a custom architecture, randomly initialised (kept in the run's state folder so --resume finds it)."""
+    if model.endswith(".json") and Path(model).is_file():
+        config = json.loads(Path(model).read_text(encoding="utf-8"))
+        folder = out / STATE_DIR / "init"
+        if not (folder / "open_clip_config.json").is_file():
+            init_local_dir(config.get("model_cfg", config), folder, seed)
+        model, pretrained = f"local-dir:{folder}", None
+        return create_encoder(EncoderSpec.from_args(model, pretrained), device=device), True
+    spec = EncoderSpec.from_args(model, pretrained)
+    return create_encoder(spec, device=device), spec.pretrained == "none"
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    _check_model_out(out, args.resume, args.overwrite)
+    train = read_dataset(args.format, args.annotations, args.images, args.split)
+    val = read_dataset(args.format, args.annotations, args.images, args.val_split) if args.val_split else None
+    encoder, from_random = load_for_training(args.model or DEFAULT_MODEL, args.pretrained, out, args.device, args.seed)
+    config = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, accum_steps=args.accum_steps, lr=args.lr,
+                            weight_decay=args.weight_decay, lock_image=args.lock_image, lock_text=args.lock_text,
+                            workers=args.workers, seed=args.seed, max_minutes=args.max_minutes,
+                            progress=not args.quiet)
+    source = {"format": args.format, "annotations": str(Path(args.annotations).resolve()) if args.annotations else None,
+              "images": str(Path(args.images).resolve()), "split": args.split, "val_split": args.val_split}
+    trainer = Trainer(encoder, train, val, args.images, out, config, source, from_random)
+    if args.resume:
+        trainer.resume()
+    run = trainer.fit()
+    best = next((r for r in run["history"] if r["epoch"] == run["best_epoch"]), None)
+    summary = f"model saved to {out} (best epoch {run['best_epoch']} of {len(run['history'])})"
+    if best and "val" in best:
+        summary += f"; val text→image R@5 {best['val']['text_to_image']['R@5']:.1f}, image→text R@5 " \
+                   f"{best['val']['image_to_text']['R@5']:.1f}"
+    print(summary + f"\nuse it with: --model local-dir:{out}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m indexer", description="Build image-text search indexes.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -48,6 +104,33 @@ def make_parser() -> argparse.ArgumentParser:
     build.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
     build.add_argument("--quiet", action="store_true", help="no progress bar or info logs")
     build.set_defaults(func=_build)
+
+    tune = commands.add_parser("finetune", help="adapt the model to captioned images (contrastive training)")
+    tune.add_argument("--format", required=True, choices=sorted(set(READERS) - {"folder"}), help="dataset format")
+    tune.add_argument("--annotations", type=Path, required=True, help="annotation file")
+    tune.add_argument("--images", type=Path, required=True, help="image root")
+    tune.add_argument("--split", default=None, help="training split (default: every image)")
+    tune.add_argument("--val-split", default=None, help="validation split: recall@k after every epoch, best kept")
+    tune.add_argument("--out", type=Path, required=True, help="model folder to write (open_clip local-dir)")
+    tune.add_argument("--model", default=None, help="open_clip name, local-dir:PATH, hf-hub:ORG/REPO, or an open_clip "
+                                                    "model config .json for a custom architecture (random weights)")
+    tune.add_argument("--pretrained", default=None, help="tag, checkpoint file, or 'none' for random weights")
+    tune.add_argument("--device", default=None, help="torch device (default: cuda when present, else cpu)")
+    tune.add_argument("--epochs", type=int, default=5)
+    tune.add_argument("--batch-size", type=int, default=128, help="pairs per step (contrastive negatives)")
+    tune.add_argument("--accum-steps", type=int, default=1, help="split each batch into this many micro-batches")
+    tune.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-5 pretrained, 5e-4 "
+                                                              "random init)")
+    tune.add_argument("--weight-decay", type=float, default=0.1)
+    tune.add_argument("--lock-image", action="store_true", help="freeze the image tower")
+    tune.add_argument("--lock-text", action="store_true", help="freeze the text tower")
+    tune.add_argument("--workers", type=int, default=1, help="data loading processes (default: 1)")
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--max-minutes", type=float, default=None, help="stop after this much training time")
+    tune.add_argument("--resume", action="store_true", help="continue the run in --out after its last epoch")
+    tune.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
+    tune.add_argument("--quiet", action="store_true", help="no progress bars")
+    tune.set_defaults(func=_finetune)
     return parser
 
 

@@ -98,7 +98,8 @@ def load_open_clip(spec: EncoderSpec, device: str | None = None, batch_size: int
     needs_hub = spec.model.startswith("hf-hub:") or is_tag
     try:
         with _hub_offline_if_unreachable(needs_hub) as offline:
-            model, _, preprocess = open_clip.create_model_and_transforms(spec.model, pretrained=pretrained)
+            model, train_preprocess, preprocess = open_clip.create_model_and_transforms(spec.model,
+                                                                                        pretrained=pretrained)
             tokenizer = open_clip.get_tokenizer(spec.model)
     except Exception as exc:  # open_clip raises RuntimeError/ValueError/OSError/HF errors alike
         message = str(exc).lower()
@@ -110,7 +111,9 @@ def load_open_clip(spec: EncoderSpec, device: str | None = None, batch_size: int
             ) from None
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load model {spec}: {first_line}") from None
-    return OpenClipEncoder(spec, model, preprocess, tokenizer, _pick_device(device), batch_size)
+    encoder = OpenClipEncoder(spec, model, preprocess, tokenizer, _pick_device(device), batch_size)
+    encoder.train_preprocess = train_preprocess
+    return encoder
 
 
 class OpenClipEncoder(Encoder):
@@ -133,6 +136,52 @@ class OpenClipEncoder(Encoder):
 
     def preprocess_image(self, image: Image.Image) -> np.ndarray:
         return self.preprocess(image).numpy()
+
+    # -- training hooks (used by indexer.finetune; the Encoder interface itself is inference-only) -----------------
+
+    train_preprocess = None  # open_clip's training transform (random resized crop), set by load_open_clip
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts))
+
+    def forward_features(self, pixels: torch.Tensor, tokens: torch.Tensor):
+        """Differentiable (image features, text features, logit scale), features normalised, as ClipLoss takes."""
+        self._fingerprint = None  # weights are about to change
+        out = self.model(pixels.to(self.device), tokens.to(self.device))
+        if isinstance(out, dict):
+            return out["image_features"], out["text_features"], out["logit_scale"]
+        return out[0], out[1], out[2]
+
+    def contrastive_loss(self):
+        from open_clip.loss import ClipLoss
+
+        return ClipLoss()
+
+    def clamp_logit_scale(self) -> None:
+        """Keep the learnable temperature at most 100, as open_clip's training does."""
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, np.log(100))
+
+    def lock_towers(self, image: bool, text: bool) -> None:
+        if image:
+            self.model.lock_image_tower()
+        if text:
+            self.model.lock_text_tower()
+
+    def model_config(self) -> dict:
+        """The open_clip model config this model was built from (what a local-dir folder needs to rebuild it)."""
+        import json
+
+        import open_clip
+
+        if self.spec.model.startswith(LOCAL_DIR_PREFIX):
+            folder = Path(self.spec.model[len(LOCAL_DIR_PREFIX):])
+            return json.loads((folder / LOCAL_DIR_CONFIG).read_text(encoding="utf-8"))["model_cfg"]
+        if self.spec.model.startswith("hf-hub:"):
+            from open_clip.factory import _get_hf_config
+
+            return _get_hf_config(self.spec.model[len("hf-hub:"):])["model_cfg"]
+        return open_clip.get_model_config(self.spec.model)
 
     @torch.inference_mode()
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""`python -m web --index INDEX [--host 127.0.0.1] [--port 8000]`: serve the search page and API."""
+"""`python -m web --index INDEX [--host 127.0.0.1] [--port 8000]` or `python -m web --demo`: serve the search page
+and API."""
 from __future__ import annotations
 
 import argparse
@@ -6,12 +7,21 @@ import logging
 import sys
 
 from search.cli_common import add_model_args, run_cli
+from search.errors import IndexFormatError
 
 from . import create_app
 from .config import WebConfig
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.demo:
+        from .demo import SCALES, prepare_demo
+
+        args.index = prepare_demo(args.demo_dir, SCALES[args.demo_scale])
+        if args.prepare_only:
+            return 0
+    elif args.index is None:
+        raise IndexFormatError("give --index INDEX, or --demo for the offline demo")
     config = WebConfig(index=args.index, model=args.model, pretrained=args.pretrained, device=args.device,
                        images=args.images, max_upload_mb=args.max_upload_mb)
     app = create_app(config)
@@ -22,7 +32,15 @@ def _serve(args: argparse.Namespace) -> int:
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m web", description="Serve the search UI and JSON API.")
-    parser.add_argument("--index", required=True, help="index directory")
+    parser.add_argument("--index", help="index directory")
+    demo = parser.add_argument_group("offline demo")
+    demo.add_argument("--demo", action="store_true",
+                      help="generate a scene dataset, train a small CLIP on it, index its test split and serve it "
+                           "(each step reused when already done)")
+    demo.add_argument("--demo-dir", default="demo_data", help="where the demo keeps its files (default: demo_data)")
+    demo.add_argument("--demo-scale", choices=("full", "tiny"), default="full",
+                      help="tiny: a seconds-long smoke test of the flow (default: full)")
+    demo.add_argument("--prepare-only", action="store_true", help="with --demo: prepare everything, do not serve")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--images", default=None, help="image root (default: the one recorded at build time)")

@@ -1,0 +1,285 @@
+"""Contrastive fine-tuning of the dual encoder on captioned images.
+
+Symmetric InfoNCE (open_clip's ClipLoss) with the model's learnable temperature, AdamW with linear warm-up and cosine
+decay, open_clip's training transform, optional locked towers, gradient accumulation with cached features (so an
+accumulated batch has the negatives of the full batch, as in open_clip's accum_freq), autocast on GPU. After each
+epoch: mean loss and validation recall@k computed by search.metrics (the code `search eval` uses); the best epoch is
+written as an open_clip local-dir folder. A resumable state is kept after every epoch.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from search.errors import DatasetError, EngineError, ImageReadError
+from search.images import load_image
+from search.metrics import retrieval_metrics
+from search.openclip_encoder import OpenClipEncoder, save_local_dir
+
+from .readers import Sample
+
+log = logging.getLogger(__name__)
+STATE_DIR = ".resume"
+RUN_FILE = "training.json"
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    epochs: int = 5
+    batch_size: int = 128  # effective batch: the contrastive negatives of one step
+    accum_steps: int = 1  # micro-batches per step; each holds batch_size / accum_steps pairs
+    lr: float | None = None  # default: 1e-5 from pretrained weights, 5e-4 from random initialisation
+    weight_decay: float = 0.1
+    warmup: float = 0.05  # share of all steps spent warming up
+    lock_image: bool = False
+    lock_text: bool = False
+    workers: int = 1
+    seed: int = 0
+    max_val_images: int = 1000
+    max_minutes: float | None = None  # stop early (and still validate and save) when over budget
+    progress: bool = True
+
+
+class PairDataset(Dataset):
+    """Item i: image i through the training transform, with one of its captions picked per epoch."""
+
+    def __init__(self, samples: Sequence[Sample], images_root: Path, encoder: OpenClipEncoder, seed: int):
+        self.samples, self.root, self.encoder, self.seed, self.epoch = list(samples), Path(images_root), encoder, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        sample = self.samples[i]
+        caption = random.Random(hash((self.seed, self.epoch, i))).choice(sample.captions)
+        try:
+            image = load_image(self.root / sample.image)
+        except ImageReadError as exc:
+            log.warning("skipped in training: %s", exc)
+            return None
+        return self.encoder.train_preprocess(image), caption
+
+    def collate(self, items):
+        items = [item for item in items if item is not None]
+        return torch.stack([pixels for pixels, _ in items]), self.encoder.tokenize([text for _, text in items])
+
+
+def _captioned(samples: Sequence[Sample], images_root: Path, what: str) -> list[Sample]:
+    usable = [s for s in samples if s.captions and (Path(images_root) / s.image).is_file()]
+    if not usable:
+        raise DatasetError(f"the {what} split has no captioned images that exist under {images_root}")
+    if len(usable) < len(samples):
+        log.warning("%s split: %d of %d images are missing or have no captions; training without them",
+                    what, len(samples) - len(usable), len(samples))
+    return usable
+
+
+def validate(encoder: OpenClipEncoder, samples: Sequence[Sample], images_root: Path) -> dict:
+    """Recall@k of the current weights on a validation split (exact search, same metric code as `search eval`)."""
+    encoder.model.eval()
+    images = [load_image(Path(images_root) / s.image) for s in samples]
+    image_vectors = encoder.encode_images(images)
+    texts = [c for s in samples for c in s.captions]
+    truth = np.repeat(np.arange(len(samples)), [len(s.captions) for s in samples])
+    return retrieval_metrics(image_vectors, encoder.encode_texts(texts), truth)
+
+
+def _schedule(optimizer, total_steps: int, warmup_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """No weight decay on gains, biases, embeddings and the temperature (open_clip's convention)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        flat = param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+        (no_decay if flat else decay).append(param)
+    return torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}],
+                             lr=lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+class Trainer:
+    def __init__(self, encoder: OpenClipEncoder, train: Sequence[Sample], val: Sequence[Sample] | None,
+                 images_root: Path, out: Path, config: FinetuneConfig, source: dict, from_random: bool):
+        self.encoder, self.config, self.out, self.root = encoder, config, Path(out), Path(images_root)
+        self.train_samples = _captioned(train, images_root, "training")
+        self.val_samples = _captioned(val, images_root, "validation")[:config.max_val_images] if val else None
+        if config.batch_size % config.accum_steps:
+            raise EngineError("--batch-size must be a multiple of --accum-steps")
+        if len(self.train_samples) < config.batch_size:
+            raise DatasetError(f"the training split has {len(self.train_samples)} captioned images, fewer than one "
+                               f"batch of {config.batch_size}; lower --batch-size")
+        torch.manual_seed(config.seed)
+        encoder.lock_towers(config.lock_image, config.lock_text)
+        if not any(p.requires_grad for n, p in encoder.model.named_parameters() if not n.startswith("logit_")):
+            raise EngineError("both towers are locked: nothing to train (the temperature alone changes no ranking)")
+        self.lr = config.lr or (5e-4 if from_random else 1e-5)
+        self.dataset = PairDataset(self.train_samples, images_root, encoder, config.seed)
+        self.steps_per_epoch = len(self.train_samples) // config.batch_size
+        self.optimizer = _optimizer(encoder.model, self.lr, config.weight_decay)
+        total = self.steps_per_epoch * config.epochs
+        self.scheduler = _schedule(self.optimizer, total, max(1, int(total * config.warmup)))
+        cuda = encoder.device.type == "cuda"
+        self.autocast_dtype = (torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
+        self.loss_fn = encoder.contrastive_loss()
+        self.run = {"base_model": encoder.spec.to_dict(), "from_random": from_random, "source": source,
+                    "config": {**asdict(config), "lr": self.lr}, "history": [], "best_epoch": None}
+        self.best_score = -1.0
+        self.first_epoch = 1
+
+    # -- one optimisation step --------------------------------------------------------------------------------------
+
+    def _forward(self, pixels, tokens):
+        if self.autocast_dtype is None:
+            return self.encoder.forward_features(pixels, tokens)
+        with torch.autocast("cuda", dtype=self.autocast_dtype):
+            return self.encoder.forward_features(pixels, tokens)
+
+    def _backward(self, loss) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self, pixels: torch.Tensor, tokens: torch.Tensor) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.config.accum_steps == 1:
+            image_f, text_f, scale = self._forward(pixels, tokens)
+            loss = self.loss_fn(image_f, text_f, scale)
+            self._backward(loss)
+            value = float(loss.detach())
+        else:  # features of every micro-batch without grad, then each micro-batch again with grad against them all
+            chunks = list(zip(pixels.chunk(self.config.accum_steps), tokens.chunk(self.config.accum_steps)))
+            with torch.no_grad():
+                cached = [self._forward(p, t)[:2] for p, t in chunks]
+            value = 0.0
+            for j, (p, t) in enumerate(chunks):
+                image_j, text_j, scale = self._forward(p, t)
+                scale = scale if j == 0 else scale.detach()  # the temperature's gradient counted once, not per chunk
+                images = torch.cat([image_j if i == j else c[0] for i, c in enumerate(cached)])
+                texts = torch.cat([text_j if i == j else c[1] for i, c in enumerate(cached)])
+                loss = self.loss_fn(images, texts, scale)
+                self._backward(loss)
+                value = float(loss.detach())
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.encoder.clamp_logit_scale()
+        return value
+
+    # -- epochs, checkpoints ----------------------------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        started = time.perf_counter()
+        budget = self.config.max_minutes * 60 if self.config.max_minutes else math.inf
+        for epoch in range(self.first_epoch, self.config.epochs + 1):
+            self.dataset.epoch = epoch
+            torch.manual_seed(self.config.seed * 1000 + epoch)  # augmentation depends on (seed, epoch) only: resumable
+            loader = DataLoader(self.dataset, batch_size=self.config.batch_size, shuffle=True, drop_last=True,
+                                num_workers=self.config.workers, collate_fn=self.dataset.collate,
+                                generator=torch.Generator().manual_seed(self.config.seed * 1000 + epoch),
+                                worker_init_fn=lambda _: torch.set_num_threads(1))
+            self.encoder.model.train()
+            tick, losses, pairs = time.perf_counter(), [], 0
+            bar = tqdm(loader, desc=f"epoch {epoch}/{self.config.epochs}", unit="step",
+                       disable=not self.config.progress, leave=False)
+            for pixels, tokens in bar:
+                losses.append(self.step(pixels, tokens))
+                pairs += len(pixels)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+                if time.perf_counter() - started > budget:
+                    break
+            seconds = time.perf_counter() - tick
+            record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else None, "seconds": round(seconds, 2),
+                      "pairs_per_second": round(pairs / seconds, 1) if seconds else None,
+                      "lr": self.scheduler.get_last_lr()[-1], "elapsed_seconds": round(time.perf_counter() - started, 1)}
+            if self.val_samples:
+                record["val"] = validate(self.encoder, self.val_samples, self.root)
+            self.run["history"].append(record)
+            log.info("epoch %d: %s", epoch, _describe(record))
+            self._checkpoint(epoch, record)
+            if time.perf_counter() - started > budget:
+                log.warning("stopping after epoch %d: over the --max-minutes budget", epoch)
+                break
+        return self.run
+
+    def _checkpoint(self, epoch: int, record: dict) -> None:
+        val = record.get("val")
+        score = (sum(val[d][f"R@{k}"] for d in ("text_to_image", "image_to_text") for k in (1, 5, 10))
+                 if val else float(epoch))
+        if score > self.best_score:
+            self.best_score = score
+            self.run["best_epoch"] = epoch
+            _replace_folder(self.out, lambda tmp: save_local_dir(self.encoder, tmp, self.encoder.model_config()),
+                            keep=(STATE_DIR,))
+        (self.out / RUN_FILE).write_text(json.dumps(self.run, indent=2), encoding="utf-8")
+        state = {"epoch": epoch, "model": self.encoder.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "best_score": self.best_score, "run": self.run,
+                 "scaler": self.scaler.state_dict() if self.scaler else None}
+        (self.out / STATE_DIR).mkdir(exist_ok=True)
+        torch.save(state, self.out / STATE_DIR / "state.tmp")
+        (self.out / STATE_DIR / "state.tmp").replace(self.out / STATE_DIR / "state.pt")
+
+    def resume(self) -> None:
+        path = self.out / STATE_DIR / "state.pt"
+        if not path.is_file():
+            raise EngineError(f"nothing to resume in {self.out} (no {STATE_DIR}/state.pt)")
+        state = torch.load(path, map_location=self.encoder.device, weights_only=False)
+        if state["run"]["base_model"] != self.run["base_model"] or state["run"]["source"] != self.run["source"]:
+            raise EngineError(f"{self.out} holds a run with another model or dataset; resume with the same arguments")
+        self.encoder.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.best_score, self.run, self.first_epoch = state["best_score"], state["run"], state["epoch"] + 1
+        self.run["config"]["epochs"] = self.config.epochs
+        log.info("resuming after epoch %d of %d", state["epoch"], self.config.epochs)
+
+
+def _describe(record: dict) -> str:
+    text = f"loss {record['loss']:.4f}, {record['seconds']:.0f} s, {record['pairs_per_second']} pairs/s"
+    if "val" in record:
+        v = record["val"]
+        text += (f"; val text→image R@1/5/10 {v['text_to_image']['R@1']:.1f}/{v['text_to_image']['R@5']:.1f}/"
+                 f"{v['text_to_image']['R@10']:.1f}, image→text {v['image_to_text']['R@1']:.1f}/"
+                 f"{v['image_to_text']['R@5']:.1f}/{v['image_to_text']['R@10']:.1f}")
+    return text
+
+
+def _replace_folder(out: Path, write, keep: tuple[str, ...] = ()) -> None:
+    """Write a model folder beside `out` and swap it in, carrying over the entries named in `keep`."""
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    if out.exists():
+        for name in keep:
+            if (out / name).exists():
+                (out / name).rename(tmp / name)
+        old = out.parent / f".{out.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
