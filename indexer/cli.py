@@ -12,6 +12,7 @@ from search.cli_common import add_model_args, run_cli
 from search.encoders import DEFAULT_MODEL, EncoderSpec, create_encoder
 from search.errors import IndexExistsError
 from search.images import DEFAULT_MAX_MEGAPIXELS
+from search.index_choice import DEFAULT_TARGET_RECALL, IndexOptions, parse_size
 from search.openclip_encoder import init_local_dir
 
 from .finetune import STATE_DIR, FinetuneConfig, Trainer
@@ -26,9 +27,10 @@ def _build(args: argparse.Namespace) -> int:
     check_output_dir(out, args.overwrite)  # fail before loading a model or reading a dataset
     samples = read_dataset(args.format, args.annotations, args.images, args.split)
     encoder = create_encoder(EncoderSpec.from_args(args.model, args.pretrained), device=args.device,
-                             batch_size=args.batch_size)
+                             batch_size=args.batch_size, precision=args.precision)
+    index = IndexOptions(args.index_type, parse_size(args.memory_budget), args.target_recall)
     config = BuildConfig(batch_size=args.batch_size, workers=args.workers, max_megapixels=args.max_megapixels,
-                         overwrite=args.overwrite, progress=not args.quiet)
+                         index=index, overwrite=args.overwrite, progress=not args.quiet)
     source = {"format": args.format, "annotations": str(Path(args.annotations).resolve()) if args.annotations else None,
               "images": str(Path(args.images).resolve()), "split": args.split}
     report = build_index(samples, args.images, encoder, out, config, source)
@@ -101,6 +103,13 @@ def make_parser() -> argparse.ArgumentParser:
                        help=f"image decoding threads (default: {BuildConfig.workers})")
     build.add_argument("--max-megapixels", type=float, default=DEFAULT_MAX_MEGAPIXELS,
                        help=f"skip images larger than this (default: {DEFAULT_MAX_MEGAPIXELS:g})")
+    build.add_argument("--index-type", default=None,
+                       help="FAISS factory string, e.g. Flat, IVF4096,Flat, IVF1024,PQ32 (default: chosen from the "
+                            "collection size and --memory-budget)")
+    build.add_argument("--memory-budget", default=None, help="bound on the vectors' memory, e.g. 2GB (default: none)")
+    build.add_argument("--target-recall", type=float, default=DEFAULT_TARGET_RECALL,
+                       help=f"recall@10 against exact search that approximate indexes are tuned to reach "
+                            f"(default: {DEFAULT_TARGET_RECALL})")
     build.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
     build.add_argument("--quiet", action="store_true", help="no progress bar or info logs")
     build.set_defaults(func=_build)

@@ -24,6 +24,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from search.encoders import Encoder
 from search.errors import DatasetError, ImageReadError
 from search.images import DEFAULT_MAX_MEGAPIXELS, load_image
+from search.index_choice import IndexOptions
 from search.manifest import Manifest
 
 from .readers import Sample
@@ -37,7 +38,7 @@ class BuildConfig:
     batch_size: int = 64
     workers: int = max(1, os.cpu_count() or 1)
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
-    factory: str = "Flat"
+    index: IndexOptions = IndexOptions()
     overwrite: bool = False
     progress: bool = True
 
@@ -129,9 +130,8 @@ def build_index(samples: Sequence[Sample], images_root: Path, encoder: Encoder, 
             raise DatasetError(f"none of the {len(samples)} images could be read (first: {reason})")
         manifest = Manifest(
             encoder=encoder.spec, fingerprint=encoder.fingerprint, dim=encoder.dim, n_images=writer.n_images,
-            n_captions=writer.n_captions, image_factory=config.factory, caption_factory=config.factory,
-            source=dict(source or {}), skipped=tuple(skipped),
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        writer.commit(manifest)
+            n_captions=writer.n_captions, source=dict(source or {}), skipped=tuple(skipped),
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"), precision=encoder.precision)
+        manifest = writer.commit(manifest, config.index)
     seconds = time.perf_counter() - started
     return BuildReport(Path(out), manifest.n_images, manifest.n_captions, tuple(skipped), seconds, encode_seconds)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -15,7 +16,7 @@ from search.catalog import CATALOG_NAME, CatalogWriter
 from search.errors import IndexExistsError
 from search.manifest import MANIFEST_NAME, Manifest
 from search.store import CAPTION_INDEX, CAPTION_VECTORS, IMAGE_INDEX, IMAGE_VECTORS
-from search.vector_index import VectorIndex
+from search.index_choice import IndexOptions, build_tuned
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +77,27 @@ class IndexWriter:
     def _stacked(self, parts: list[np.ndarray]) -> np.ndarray:
         return np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
 
-    def commit(self, manifest: Manifest) -> Path:
-        """Write vectors, FAISS indexes and manifest (last), then swap the directory into place."""
+    def commit(self, manifest: Manifest, options: IndexOptions = IndexOptions()) -> Manifest:
+        """Write vectors, choose/train/tune and write the FAISS indexes, write the manifest (last, with the chosen
+        factories and parameters), then swap the directory into place."""
         self.catalog.close()
-        for vectors, factory, index_name, vectors_name in (
-                (self._stacked(self._image_vectors), manifest.image_factory, IMAGE_INDEX, IMAGE_VECTORS),
-                (self._stacked(self._caption_vectors), manifest.caption_factory, CAPTION_INDEX, CAPTION_VECTORS)):
+        images, captions = self._stacked(self._image_vectors), self._stacked(self._caption_vectors)
+        total = max(1, len(images) + len(captions))
+        reports = {}
+        for kind, vectors, queries, index_name, vectors_name in (
+                ("images", images, captions, IMAGE_INDEX, IMAGE_VECTORS),
+                ("captions", captions, images, CAPTION_INDEX, CAPTION_VECTORS)):
             np.save(self.tmp / vectors_name, vectors)
-            VectorIndex.build(vectors, factory, manifest.metric).save(self.tmp / index_name)
+            budget = options.memory_budget and options.memory_budget * len(vectors) // total  # shared by count
+            index, report = build_tuned(vectors, options.factory, budget, options.target_recall, queries,
+                                        manifest.metric)
+            index.save(self.tmp / index_name)
+            reports[kind] = asdict(report)
+            if report.params:
+                log.info("%s index %s tuned to %s: recall@10 %.3f against exact search", kind, report.factory,
+                         report.params, report.recall_at_10)
+        manifest = replace(manifest, image_factory=reports["images"]["factory"],
+                           caption_factory=reports["captions"]["factory"], indexes=reports)
         manifest.write(self.tmp)
         old = None
         if self.out.exists():
@@ -93,4 +107,4 @@ class IndexWriter:
         self.committed = True
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        return self.out
+        return manifest

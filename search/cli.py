@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from .cli_common import add_model_args, run_cli
-from .metrics import retrieval_metrics
+from .metrics import index_recall, retrieval_metrics
 from .searcher import TARGETS, Hit, Searcher
 from .store import StoredIndex, open_index
 
@@ -23,7 +23,7 @@ def hit_to_json(hit: Hit) -> dict:
 
 
 def _query(args: argparse.Namespace) -> int:
-    searcher = Searcher.open(args.index, args.model, args.pretrained, args.device)
+    searcher = Searcher.open(args.index, args.model, args.pretrained, args.device, precision=args.precision)
     if args.text is not None:
         hits = searcher.search(text=args.text, target=args.target, k=args.k)
     else:
@@ -41,7 +41,12 @@ def _query(args: argparse.Namespace) -> int:
 def evaluate(index: StoredIndex) -> dict:
     """Exact recall@k over the stored vectors: no model is needed, they were encoded at build time."""
     caption_image_ids = np.asarray(index.catalog.caption_image_ids(), np.int64)
-    return retrieval_metrics(index.vectors("images"), index.vectors("captions"), caption_image_ids)
+    images, captions = index.vectors("images"), index.vectors("captions")
+    metrics = retrieval_metrics(images, captions, caption_image_ids)
+    metrics["index_search"] = {"factories": {"images": index.images.factory, "captions": index.captions.factory},
+                               "params": {"images": index.images.params, "captions": index.captions.params},
+                               **index_recall(index.images, index.captions, images, captions, caption_image_ids)}
+    return metrics
 
 
 def format_metrics(metrics: dict) -> str:
@@ -51,6 +56,14 @@ def format_metrics(metrics: dict) -> str:
         m = metrics[key]
         lines.append(f"{label:14}{m['R@1']:8.2f}{m['R@5']:8.2f}{m['R@10']:8.2f}{m['mean_rank']:11.2f}"
                      f"{m['median_rank']:8.1f}")
+    searched = metrics.get("index_search")
+    if searched:
+        factories = searched["factories"]
+        lines.append(f"through the indexes in use (images: {factories['images']} {searched['params']['images'] or ''},"
+                     f" captions: {factories['captions']} {searched['params']['captions'] or ''}):")
+        for key, label in (("text_to_image", "text→image"), ("image_to_text", "image→text")):
+            m = searched[key]
+            lines.append(f"{label:14}{m['R@1']:8.2f}{m['R@5']:8.2f}{m['R@10']:8.2f}")
     return "\n".join(lines)
 
 

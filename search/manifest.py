@@ -29,6 +29,8 @@ class Manifest:
     source: dict = field(default_factory=dict)  # format, annotations, images root, split
     skipped: tuple = ()  # ({"path": .., "reason": ..}, ...)
     created: str = ""
+    indexes: dict = field(default_factory=dict)  # per kind: factory, params (e.g. nprobe), tuned recall@10, bytes
+    precision: str = "fp32"  # what the vectors were encoded with; queries may use another (cosine ~0.999 apart)
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -50,6 +52,7 @@ class Manifest:
                        metric=data["metric"], image_factory=data["image_factory"],
                        caption_factory=data["caption_factory"], source=data.get("source", {}),
                        skipped=tuple(data.get("skipped", ())), created=data.get("created", ""),
+                       precision=data.get("precision", "fp32"), indexes=data.get("indexes", {}),
                        format_version=version)
         except (KeyError, TypeError, ValueError) as exc:
             raise IndexFormatError(f"manifest is missing or has a bad field: {exc}") from None

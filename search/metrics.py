@@ -51,6 +51,22 @@ def summarize(ranks: np.ndarray, ks: tuple[int, ...] = KS) -> dict:
     return summary
 
 
+def index_recall(image_index, caption_index, image_vectors: np.ndarray, caption_vectors: np.ndarray,
+                 caption_image_ids: np.ndarray, ks: tuple[int, ...] = KS) -> dict:
+    """Recall@k when the FAISS indexes in use answer the queries (approximate ones may miss); ranks beyond max(ks)
+    are not known, so only recall is reported."""
+    caption_image_ids = np.asarray(caption_image_ids, np.int64)
+    kmax = max(ks)
+    found_images = image_index.search(np.asarray(caption_vectors, np.float32), kmax)[1]
+    t2i = found_images == caption_image_ids[:, None]
+    found_captions = caption_index.search(np.asarray(image_vectors, np.float32), kmax)[1]
+    owners = np.where(found_captions >= 0, caption_image_ids[np.maximum(found_captions, 0)], -1)
+    i2t = (owners == np.arange(len(image_vectors))[:, None])[np.bincount(caption_image_ids,
+                                                                       minlength=len(image_vectors)) > 0]
+    return {direction: {f"R@{k}": round(float(np.mean(hits[:, :k].any(axis=1)) * 100), 4) for k in ks}
+            for direction, hits in (("text_to_image", t2i), ("image_to_text", i2t))}
+
+
 def retrieval_metrics(image_vectors: np.ndarray, caption_vectors: np.ndarray,
                       caption_image_ids: np.ndarray, ks: tuple[int, ...] = KS) -> dict:
     """Recall@k (percent), mean and median rank in both directions, in `search eval --json`'s shape."""

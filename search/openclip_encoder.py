@@ -88,9 +88,38 @@ def _check_spec(spec: EncoderSpec) -> None:
                              f"{spec.model} ({known})")
 
 
-def load_open_clip(spec: EncoderSpec, device: str | None = None, batch_size: int = 64) -> "OpenClipEncoder":
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+
+
+def _apply_precision(model: torch.nn.Module, precision: str, device: torch.device) -> torch.nn.Module:
+    """fp32 as loaded; bf16/fp16 cast the weights; int8 quantises the linear layers dynamically (CPU only)."""
+    if precision == "fp32":
+        return model
+    if precision in ("bf16", "fp16"):
+        return model.to(torch.bfloat16 if precision == "bf16" else torch.float16)
+    if device.type != "cpu":
+        raise ModelLoadError("--precision int8 runs on the CPU only; use fp16 or bf16 on a GPU")
+    import warnings
+
+    with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao, still the fastest here
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import quantize_dynamic
+
+        model = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    for module in model.modules():  # open_clip reads the compute dtype from the MLP's weight; it offers this hook
+        if type(module).__name__ == "DynamicQuantizedLinear" or module.__class__.__module__.startswith(
+                "torch.ao.nn.quantized"):
+            module.int8_original_dtype = torch.float32
+    return model
+
+
+def load_open_clip(spec: EncoderSpec, device: str | None = None, batch_size: int = 64,
+                   precision: str = "fp32") -> "OpenClipEncoder":
     """Build an encoder from a spec; every failure becomes a one-line ModelLoadError."""
     import open_clip
+
+    if precision not in PRECISIONS:
+        raise ModelLoadError(f"unknown precision '{precision}' (choose {', '.join(PRECISIONS)})")
 
     _check_spec(spec)
     pretrained = None if spec.pretrained in (None, "none") else spec.pretrained
@@ -111,17 +140,48 @@ def load_open_clip(spec: EncoderSpec, device: str | None = None, batch_size: int
             ) from None
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load model {spec}: {first_line}") from None
-    encoder = OpenClipEncoder(spec, model, preprocess, tokenizer, _pick_device(device), batch_size)
+    target = _pick_device(device)
+    fingerprint = _weights_fingerprint(model) if precision != "fp32" else None  # of the weights as published
+    model = _apply_precision(model.to(target), precision, target)
+    encoder = OpenClipEncoder(spec, model, preprocess, tokenizer, target, batch_size, precision)
     encoder.train_preprocess = train_preprocess
+    if fingerprint is not None:
+        encoder._fingerprint = fingerprint
     return encoder
 
 
+def _can_trim_text(model) -> bool:
+    """Trimming padding is exact only for a causal text tower pooled at the end-of-text token (CLIP's): no position
+    then sees the padding after it. Other towers (HF text models, SigLIP's last-token pooling) run at full length."""
+    return (getattr(model, "text_pool_type", None) in ("argmax", "eos") and getattr(model, "attn_mask", None) is not None
+            and hasattr(model, "token_embedding") and hasattr(model, "positional_embedding"))
+
+
+def _encode_text_trimmed(model, tokens: torch.Tensor) -> torch.Tensor:
+    """open_clip's CLIP.encode_text run only up to the batch's longest real sequence (padding id 0)."""
+    from open_clip.transformer import text_global_pool
+
+    length = int((tokens != 0).int().cumsum(dim=1).argmax(dim=1).max()) + 1  # last non-padding position + 1
+    tokens = tokens[:, :length]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = text_global_pool(model.ln_final(x), tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    if model.text_projection is not None:
+        x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
+    return x
+
+
 class OpenClipEncoder(Encoder):
-    def __init__(self, spec: EncoderSpec, model, preprocess, tokenizer, device: torch.device, batch_size: int = 64):
+    def __init__(self, spec: EncoderSpec, model, preprocess, tokenizer, device: torch.device, batch_size: int = 64,
+                 precision: str = "fp32"):
         self.spec = spec
         self.device = device
         self.batch_size = batch_size
+        self.precision = precision
+        self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
         self.model = model.to(device).eval()
+        self.trim_text = _can_trim_text(self.model)
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self._fingerprint: str | None = None
@@ -187,8 +247,10 @@ class OpenClipEncoder(Encoder):
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
         out = []
         for start in range(0, len(pixels), self.batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(pixels[start:start + self.batch_size])).to(self.device)
-            out.append(self.model.encode_image(batch, normalize=True).float().cpu().numpy())
+            batch = torch.from_numpy(np.ascontiguousarray(pixels[start:start + self.batch_size]))
+            batch = batch.to(self.device, self.input_dtype)
+            features = self.model.encode_image(batch).float()  # normalise in float32, whatever the weights' dtype
+            out.append(torch.nn.functional.normalize(features, dim=-1).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
     @torch.inference_mode()
@@ -196,7 +258,8 @@ class OpenClipEncoder(Encoder):
         out = []
         for start in range(0, len(texts), self.batch_size):
             tokens = self.tokenizer(list(texts[start:start + self.batch_size])).to(self.device)
-            out.append(self.model.encode_text(tokens, normalize=True).float().cpu().numpy())
+            features = _encode_text_trimmed(self.model, tokens) if self.trim_text else self.model.encode_text(tokens)
+            out.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
 

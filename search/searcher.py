@@ -53,11 +53,11 @@ class Searcher:
 
     @classmethod
     def open(cls, index_dir: Path | str, model: str | None = None, pretrained: str | None = None,
-             device: str | None = None, config: SearchConfig = SearchConfig()) -> "Searcher":
+             device: str | None = None, config: SearchConfig = SearchConfig(), precision: str = "fp32") -> "Searcher":
         """Open an index with the model it was built with, or with `model`/`pretrained` (which must match)."""
         index = open_index(index_dir)
         spec = index.manifest.encoder if model is None else EncoderSpec.from_args(model, pretrained)
-        return cls(index, create_encoder(spec, device=device), config)
+        return cls(index, create_encoder(spec, device=device, precision=precision), config)
 
     # -- query encoding ---------------------------------------------------------------------------------------------
 

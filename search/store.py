@@ -58,8 +58,10 @@ def open_index(path: Path | str) -> StoredIndex:
         if not (path / name).is_file():
             raise IndexFormatError(f"index {path} is incomplete: {name} is missing")
     try:
-        images = VectorIndex.load(path / IMAGE_INDEX, manifest.image_factory, manifest.metric)
-        captions = VectorIndex.load(path / CAPTION_INDEX, manifest.caption_factory, manifest.metric)
+        params = {kind: manifest.indexes.get(kind, {}).get("params") for kind in ("images", "captions")}
+        images = VectorIndex.load(path / IMAGE_INDEX, manifest.image_factory, manifest.metric, params["images"])
+        captions = VectorIndex.load(path / CAPTION_INDEX, manifest.caption_factory, manifest.metric,
+                                    params["captions"])
     except RuntimeError as exc:
         raise IndexFormatError(f"index {path}: cannot read FAISS index ({str(exc).splitlines()[0]})") from None
     for kind, index, expected in (("image", images, manifest.n_images), ("caption", captions, manifest.n_captions)):

@@ -47,7 +47,8 @@ def create_app(config: WebConfig | dict | None = None, **settings) -> Flask:
         raise IndexFormatError("no index given (WebConfig.index)")
     search_config = SearchConfig(max_query_chars=config.max_query_chars, max_k=config.max_k,
                                  max_megapixels=config.max_megapixels, text_cache_size=config.text_cache_size)
-    searcher = Searcher.open(config.index, config.model, config.pretrained, config.device, search_config)
+    searcher = Searcher.open(config.index, config.model, config.pretrained, config.device, search_config,
+                             config.precision)
     images_root = Path(config.images or searcher.index.manifest.source.get("images") or ".")
     thumbnails = ThumbnailCache(config.thumbnail_dir or default_thumbnail_dir(config.index), config.thumbnail_size,
                                 config.max_megapixels)

@@ -23,6 +23,7 @@ def _serve(args: argparse.Namespace) -> int:
     elif args.index is None:
         raise IndexFormatError("give --index INDEX, or --demo for the offline demo")
     config = WebConfig(index=args.index, model=args.model, pretrained=args.pretrained, device=args.device,
+                       precision=args.precision,
                        images=args.images, max_upload_mb=args.max_upload_mb)
     app = create_app(config)
     logging.getLogger("web").info("serving %s on http://%s:%d", args.index, args.host, args.port)

@@ -13,6 +13,7 @@ class WebConfig:
     model: str | None = None  # default: the model the index was built with
     pretrained: str | None = None
     device: str | None = None
+    precision: str = "fp32"
     images: Path | None = None  # image root; default: the one recorded in the manifest at build time
     max_upload_mb: float = 20.0
     max_query_chars: int = 1000
