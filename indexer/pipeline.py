@@ -94,8 +94,8 @@ def build_index(samples: Sequence[Sample], images_root: Path, encoder: Encoder, 
 
     def load(sample: Sample) -> LoadedImage:
         try:
-            image = load_image(images_root / sample.image, config.max_megapixels)
-            return LoadedImage(sample, image.size, encoder.preprocess_image(image))
+            image = load_image(images_root / sample.image, config.max_megapixels, encoder.image_size)
+            return LoadedImage(sample, image.info["source_size"], encoder.preprocess_image(image))
         except ImageReadError as exc:
             return LoadedImage(sample, error=str(exc))
 

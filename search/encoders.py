@@ -68,6 +68,7 @@ class Encoder(abc.ABC):
 
     spec: EncoderSpec
     dim: int
+    image_size: int | None = None  # side of the model's square input, when it has one
     precision: str = "fp32"  # numeric format of the weights at inference: fp32, bf16, fp16 or int8
 
     @property

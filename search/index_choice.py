@@ -110,6 +110,10 @@ def tune(index: VectorIndex, vectors: np.ndarray, queries: np.ndarray, target: f
     if recall < target:
         log.warning("%s reaches recall@%d %.3f < target %.3f even at nprobe=%d", index.factory, k, recall, target,
                     nprobe)
+    elif nprobe > nlist // 4:
+        log.warning("%s needs nprobe=%d of %d lists for recall@%d %.3f: the vectors have little cluster structure, "
+                    "so it is barely faster than exact search (--index-type Flat)", index.factory, nprobe, nlist, k,
+                    target)
     return IndexReport(index.factory, {"nprobe": nprobe}, round(recall, 4))
 
 

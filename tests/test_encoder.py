@@ -53,3 +53,14 @@ def test_fp16_loads(tiny_model_spec):
 def test_unknown_precision(tiny_model_spec):
     with pytest.raises(ModelLoadError, match="unknown precision 'int4'"):
         create_encoder(EncoderSpec.from_args(tiny_model_spec, None), precision="int4")
+
+
+def test_fast_preprocessing_equals_open_clips_transform(tiny_encoder):
+    assert tiny_encoder._fast_tail is not None
+    rng = np.random.default_rng(0)
+    for size, mode in (((300, 200), "RGB"), ((31, 77), "RGB"), ((64, 64), "L")):
+        image = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).convert(mode)
+        fast = tiny_encoder.preprocess_image(image)
+        reference = tiny_encoder.preprocess(image.convert("RGB")).numpy()
+        assert fast.dtype == np.float32 and fast.shape == reference.shape
+        np.testing.assert_allclose(fast, reference, atol=1e-5)

@@ -55,3 +55,12 @@ def test_exif_orientation_and_alpha_are_applied():
     buffer = io.BytesIO()
     Image.new("RGBA", (4, 4), (0, 0, 0, 0)).save(buffer, "PNG")
     assert load_image(buffer.getvalue()).getpixel((0, 0)) == (255, 255, 255)  # transparent → white, not black
+
+
+def test_draft_decoding_keeps_the_source_size_and_enough_pixels():
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image = load_image(_jpeg_bytes((1600, 1200), exif=exif.tobytes()), min_side=224)
+    assert image.info["source_size"] == (1200, 1600)  # upright size of the file
+    assert min(image.size) >= 224 and image.size[0] < 1200  # decoded smaller, never below the model's input
+    assert load_image(_jpeg_bytes((300, 200)), min_side=224).info["source_size"] == (300, 200)

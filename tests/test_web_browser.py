@@ -148,7 +148,7 @@ def test_runs_under_gunicorn(server):
     _, root = server
     port = _free_port()
     app_spec = f'web:create_app(index="{root / "index"}")'
-    process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-w", "1", "--threads", "4", "-b",
+    process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-w", "1", "-b",
                                 f"127.0.0.1:{port}", app_spec], cwd=ROOT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE)
     try:

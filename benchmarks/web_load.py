@@ -1,0 +1,137 @@
+"""The JSON API under load: text queries end to end (HTTP, encode, search, JSON) against the encode time alone.
+
+    python benchmarks/web_load.py                 # builds a ViT-B-32 (random weights) index of 256 photos first
+    python benchmarks/web_load.py --index INDEX   # an existing index
+
+Serves the app with gunicorn on loopback, with sync workers (each request on the worker's main thread) and with a
+threaded worker; clients keep their connections open and send distinct queries (no cache hits). Reports p50/p99
+latency and requests/s for 1 and 4 concurrent clients.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import logging
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+
+from common import ROOT, machine, percentiles, photo_like_images
+
+from benchmarks.text_encoding import captions
+from indexer.pipeline import BuildConfig, build_index
+from indexer.readers import Sample
+from search.encoders import create_encoder
+from search.openclip_encoder import save_local_dir
+from search.store import open_index
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def client(port: int, queries: list[str], latencies: list[float]) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    for q in queries:
+        tick = time.perf_counter()
+        conn.request("GET", "/api/search?" + urllib.parse.urlencode({"q": q, "k": 10}))
+        response = conn.getresponse()
+        body = response.read()
+        latencies.append(time.perf_counter() - tick)
+        if response.status != 200 or not json.loads(body)["results"]:
+            raise RuntimeError(f"request failed: {response.status} {body[:200]!r}")
+    conn.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--index", type=Path, default=None)
+    parser.add_argument("--requests", type=int, default=200, help="requests per client count")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+
+    index = args.index
+    if index is None:
+        from search.encoders import EncoderSpec
+
+        work = Path(tempfile.mkdtemp(prefix="bench-web-"))
+        photos = photo_like_images(work / "photos", 256)
+        random_draw = create_encoder(EncoderSpec.from_args("ViT-B-32", "none"))  # saved: the server must load
+        folder = save_local_dir(random_draw, work / "model", random_draw.model_config())  # the same weights
+        encoder = create_encoder(EncoderSpec.from_args(f"local-dir:{folder}", None))
+        index = work / "index"
+        build_index([Sample(p.name) for p in photos], work / "photos", encoder, index, BuildConfig(progress=False))
+    else:
+        encoder = create_encoder(open_index(index).manifest.encoder)
+
+    texts = captions(args.requests * 7, seed=7)
+    encode_times = []
+    for text in texts[:args.requests]:
+        tick = time.perf_counter()
+        encoder.encode_texts([text])
+        encode_times.append(time.perf_counter() - tick)
+    encode_p50, _ = percentiles(encode_times)
+    del encoder
+
+    rows = []
+    for label, options in (("sync, 1 worker", ["-w", "1"]), ("sync, 2 workers", ["-w", "2"]),
+                           ("gthread, 1 worker x 4 threads", ["-w", "1", "--threads", "4"])):
+        rows += [(label, *row) for row in serve_and_load(index, options, texts[args.requests:], args.requests)]
+
+    print(machine())
+    print(f"index {index} ({open_index(index).manifest.n_images} images, {open_index(index).manifest.encoder}); "
+          f"{args.requests} distinct text queries per row\n")
+    print(f"text encode alone (same model, in process, main thread): p50 {encode_p50:.1f} ms\n")
+    print("| gunicorn | clients | p50 ms | p99 ms | requests/s | p50 / encode p50 |")
+    print("|---|---|---|---|---|---|")
+    for label, clients, p50, p99, rate in rows:
+        print(f"| {label} | {clients} | {p50:.1f} | {p99:.1f} | {rate:.1f} | {p50 / encode_p50:.2f}x |")
+
+
+def serve_and_load(index: Path, options: list[str], texts: list[str], requests: int) -> list[tuple]:
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "gunicorn", *options, "--timeout", "120", "-b",
+                               f"127.0.0.1:{port}", f'web:create_app(index="{index}")'], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        for _ in range(4):  # every worker loads its model before answering
+            client(port, ["warm up"], [])
+        rows = []
+        offset = 0
+        for clients in (1, 4):
+            per_client = requests // clients
+            latencies: list[float] = []
+            threads = [threading.Thread(target=client, args=(port, texts[offset + i * per_client:
+                                                                         offset + (i + 1) * per_client], latencies))
+                       for i in range(clients)]
+            offset += requests
+            tick = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            elapsed = time.perf_counter() - tick
+            p50, p99 = percentiles(latencies)
+            rows.append((clients, p50, p99, len(latencies) / elapsed))
+        return rows
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+if __name__ == "__main__":
+    main()
