@@ -3,8 +3,8 @@
     python benchmarks/web_load.py                 # builds a ViT-B-32 (random weights) index of 256 photos first
     python benchmarks/web_load.py --index INDEX   # an existing index
 
-Serves the app with gunicorn on loopback, with sync workers (each request on the worker's main thread) and with a
-threaded worker; clients keep their connections open and send distinct queries (no cache hits). Reports p50/p99
+Serves the app on loopback with `python -m web` and with gunicorn (sync workers answer on their main thread, the
+gthread worker on other threads); clients keep their connections open and send distinct queries (no cache hits). Reports p50/p99
 latency and requests/s for 1 and 4 concurrent clients.
 """
 from __future__ import annotations
@@ -82,25 +82,30 @@ def main() -> None:
     del encoder
 
     rows = []
-    for label, options in (("sync, 1 worker", ["-w", "1"]), ("sync, 2 workers", ["-w", "2"]),
-                           ("gthread, 1 worker x 4 threads", ["-w", "1", "--threads", "4"])):
-        rows += [(label, *row) for row in serve_and_load(index, options, texts[args.requests:], args.requests)]
+    gunicorn = [sys.executable, "-m", "gunicorn", "--timeout", "120", f'web:create_app(index="{index}")', "-b"]
+    for label, command in (
+            ("python -m web (threads; model calls on the main thread)",
+             [sys.executable, "-m", "web", "--index", str(index), "--port"]),
+            ("gunicorn sync, 1 worker", [*gunicorn[:3], "-w", "1", *gunicorn[3:]]),
+            ("gunicorn sync, 2 workers", [*gunicorn[:3], "-w", "2", *gunicorn[3:]]),
+            ("gunicorn gthread, 1 worker x 4 threads", [*gunicorn[:3], "-w", "1", "--threads", "4", *gunicorn[3:]])):
+        rows += [(label, *row) for row in serve_and_load(command, texts[args.requests:], args.requests)]
 
     print(machine())
     print(f"index {index} ({open_index(index).manifest.n_images} images, {open_index(index).manifest.encoder}); "
           f"{args.requests} distinct text queries per row\n")
     print(f"text encode alone (same model, in process, main thread): p50 {encode_p50:.1f} ms\n")
-    print("| gunicorn | clients | p50 ms | p99 ms | requests/s | p50 / encode p50 |")
+    print("| server | clients | p50 ms | p99 ms | requests/s | p50 / encode p50 |")
     print("|---|---|---|---|---|---|")
     for label, clients, p50, p99, rate in rows:
         print(f"| {label} | {clients} | {p50:.1f} | {p99:.1f} | {rate:.1f} | {p50 / encode_p50:.2f}x |")
 
 
-def serve_and_load(index: Path, options: list[str], texts: list[str], requests: int) -> list[tuple]:
+def serve_and_load(command: list[str], texts: list[str], requests: int) -> list[tuple]:
+    """Start the server (`command` ends with its port option), load it with 1 then 4 clients."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "gunicorn", *options, "--timeout", "120", "-b",
-                               f"127.0.0.1:{port}", f'web:create_app(index="{index}")'], cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address = str(port) if command[-1] == "--port" else f"127.0.0.1:{port}"
+    server = subprocess.Popen([*command, address], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(600):
             try:

@@ -9,6 +9,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -49,6 +50,8 @@ class Searcher:
         self.encoder = encoder
         self.config = config
         self._lock = threading.Lock()
+        # how model calls are made: inline under the lock by default; a server may route them to one thread
+        self.run_model: Callable[[Callable[[], np.ndarray]], np.ndarray] = lambda fn: fn()
         self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
 
     @classmethod
@@ -72,7 +75,7 @@ class Searcher:
             if cached is not None:
                 self._text_cache.move_to_end(text)
                 return cached
-            vector = self.encoder.encode_texts([text])[0]
+            vector = self.run_model(lambda: self.encoder.encode_texts([text])[0])
             self._text_cache[text] = vector
             if len(self._text_cache) > self.config.text_cache_size:
                 self._text_cache.popitem(last=False)
@@ -82,7 +85,7 @@ class Searcher:
         decoded = load_image(image, self.config.max_megapixels)
         pixels = self.encoder.preprocess_image(decoded)[None]
         with self._lock:
-            return self.encoder.encode_pixels(pixels)[0]
+            return self.run_model(lambda: self.encoder.encode_pixels(pixels)[0])
 
     # -- search -----------------------------------------------------------------------------------------------------
 

@@ -170,3 +170,21 @@ def test_concurrent_requests_and_repeated_queries_are_cached(app):
         searcher.encoder.encode_texts = original
     assert errors == []
     assert sorted(map(tuple, calls)) == [(f"shape number {i}",) for i in range(4)]  # each text encoded once
+
+
+def test_main_thread_runner_runs_calls_on_the_main_thread():
+    from web.main_thread import MainThreadRunner
+
+    runner, stop, seen, errors = MainThreadRunner(), threading.Event(), [], []
+
+    def request_thread():
+        seen.append(runner(lambda: threading.current_thread() is threading.main_thread()))
+        try:
+            runner(lambda: 1 / 0)
+        except ZeroDivisionError:
+            errors.append("raised in the caller")
+        stop.set()
+
+    threading.Thread(target=request_thread).start()
+    runner.run_forever(stop)
+    assert seen == [True] and errors == ["raised in the caller"]

@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import threading
 
 from search.cli_common import add_model_args, run_cli
 from search.errors import IndexFormatError
 
-from . import create_app
+from werkzeug.serving import make_server
+
+from . import EXTENSION_KEY, create_app
 from .config import WebConfig
+from .main_thread import MainThreadRunner
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -26,8 +30,16 @@ def _serve(args: argparse.Namespace) -> int:
                        precision=args.precision,
                        images=args.images, max_upload_mb=args.max_upload_mb)
     app = create_app(config)
+    runner = MainThreadRunner()
+    app.extensions[EXTENSION_KEY].searcher.run_model = runner
+    server = make_server(args.host, args.port, app, threaded=True)
     logging.getLogger("web").info("serving %s on http://%s:%d", args.index, args.host, args.port)
-    app.run(host=args.host, port=args.port, threaded=True)
+    serving = threading.Thread(target=server.serve_forever, name="http", daemon=True)
+    serving.start()
+    try:
+        runner.run_forever(threading.Event())  # until Ctrl-C
+    finally:
+        server.shutdown()
     return 0
 
 
