@@ -146,3 +146,15 @@ def test_bad_input_is_one_line(data, tmp_path, capsys):
     bad_model[bad_model.index("--model") + 1] = f"local-dir:{tmp_path / 'nowhere'}"
     assert indexer_main(bad_model) == 1
     assert "has no open_clip_config.json" in capsys.readouterr().err
+
+
+def test_starts_from_existing_weights_with_a_gentle_default_lr(data, tmp_path, tiny_model_dir):
+    args = finetune_args(data, tmp_path / "model", "--epochs", "1")
+    args[args.index("--model") + 1] = f"local-dir:{tiny_model_dir}"
+    args[args.index("--pretrained"):args.index("--pretrained") + 2] = []
+    args[args.index("--lr"):args.index("--lr") + 2] = []
+    assert indexer_main(args) == 0
+    run = json.loads((tmp_path / "model" / "training.json").read_text())
+    assert run["from_random"] is False and run["config"]["lr"] == 1e-5
+    assert run["base_model"]["model"] == f"local-dir:{tiny_model_dir}"
+    assert state(tmp_path / "model").keys() == state(tiny_model_dir).keys()
