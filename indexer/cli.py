@@ -25,7 +25,7 @@ from .writer import check_output_dir
 def _build(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_output_dir(out, args.overwrite)  # fail before loading a model or reading a dataset
-    samples = read_dataset(args.format, args.annotations, args.images, args.split)
+    samples = read_dataset(args.format, args.annotations, args.images, args.split, args.include_hidden)
     encoder = create_encoder(EncoderSpec.from_args(args.model, args.pretrained), device=args.device,
                              batch_size=args.batch_size, precision=args.precision)
     index = IndexOptions(args.index_type, parse_size(args.memory_budget), args.target_recall)
@@ -110,6 +110,8 @@ def make_parser() -> argparse.ArgumentParser:
     build.add_argument("--target-recall", type=float, default=DEFAULT_TARGET_RECALL,
                        help=f"recall@10 against exact search that approximate indexes are tuned to reach "
                             f"(default: {DEFAULT_TARGET_RECALL})")
+    build.add_argument("--include-hidden", action="store_true",
+                       help="folder format: also index hidden files and folders (names starting with a dot)")
     build.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
     build.add_argument("--quiet", action="store_true", help="no progress bar or info logs")
     build.set_defaults(func=_build)

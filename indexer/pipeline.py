@@ -6,6 +6,7 @@ the writer. Unreadable images are skipped with a one-line reason and listed in t
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -102,7 +103,9 @@ def build_index(samples: Sequence[Sample], images_root: Path, encoder: Encoder, 
     started = time.perf_counter()
     encode_seconds = 0.0
     skipped: list[dict] = []
-    with logging_redirect_tqdm(), IndexWriter(out, config.overwrite, encoder.dim) as writer, \
+    # route log lines around the progress bar only when there is one (the redirect replaces the root's handlers)
+    redirect = logging_redirect_tqdm() if config.progress else contextlib.nullcontext()
+    with redirect, IndexWriter(out, config.overwrite, encoder.dim) as writer, \
             ThreadPoolExecutor(config.workers, thread_name_prefix="decode") as pool, \
             tqdm(total=len(samples), unit="img", desc="encoding", disable=not config.progress) as bar:
         for batch in batched(prefetch(pool, load, samples, ahead=2 * config.batch_size), config.batch_size):

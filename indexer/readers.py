@@ -112,16 +112,19 @@ def read_coco(annotations: Path | None, images: Path, split: str | None) -> list
     return _grouped(pairs)
 
 
-def read_folder(annotations: Path | None, images: Path, split: str | None) -> list[Sample]:
-    """Every image file below `images`, recursively, sorted; hidden folders and symlinked folders are not entered."""
+def read_folder(annotations: Path | None, images: Path, split: str | None,
+                include_hidden: bool = False) -> list[Sample]:
+    """Every image file below `images`, recursively, sorted; symlinked folders are not entered (no loops), hidden
+    files and folders only with `include_hidden`."""
     root = Path(images)
     if not root.is_dir():
         raise DatasetError(f"{root}: image folder not found")
     found = []
+    visible = (lambda name: True) if include_hidden else (lambda name: not name.startswith("."))
     for folder, dirs, files in os.walk(root):  # followlinks=False: a symlink loop cannot trap the walk
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        dirs[:] = sorted(d for d in dirs if visible(d))
         for name in files:
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+            if visible(name) and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
                 found.append((Path(folder) / name).relative_to(root).as_posix())
     return [Sample(name) for name in sorted(found)]
 
@@ -180,7 +183,8 @@ READERS: dict[str, Callable[[Path | None, Path, str | None], list[Sample]]] = {
 SPLITS = {"karpathy": ("train", "val", "test", "restval"), "flickr8k": ("train", "val", "test")}
 
 
-def read_dataset(fmt: str, annotations: Path | None, images: Path, split: str | None = None) -> list[Sample]:
+def read_dataset(fmt: str, annotations: Path | None, images: Path, split: str | None = None,
+                 include_hidden: bool = False) -> list[Sample]:
     """Parse a dataset; DatasetError for unknown formats/splits, unreadable annotations or an empty result."""
     if fmt not in READERS:
         raise DatasetError(f"unknown format '{fmt}' (choose {', '.join(READERS)})")
@@ -193,7 +197,10 @@ def read_dataset(fmt: str, annotations: Path | None, images: Path, split: str | 
     if not Path(images).is_dir():
         raise DatasetError(f"{images}: image folder not found")
     try:
-        samples = READERS[fmt](annotations, Path(images), split)
+        if fmt == "folder":
+            samples = read_folder(annotations, Path(images), split, include_hidden)
+        else:
+            samples = READERS[fmt](annotations, Path(images), split)
     except (KeyError, TypeError, AttributeError) as exc:
         raise DatasetError(f"{annotations}: unexpected structure for --format {fmt} ({exc!r})") from None
     if not samples:

@@ -22,6 +22,13 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", 
 # guard would otherwise refuse images a user explicitly allowed with --max-megapixels.
 Image.MAX_IMAGE_PIXELS = None
 
+try:  # HEIC/HEIF photos (iPhones) when the optional pillow-heif package is installed
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+except ImportError:
+    pass
+
 ImageSource = Union[str, os.PathLike, bytes, Image.Image]
 
 

@@ -1,8 +1,6 @@
 """Shared fixtures: tiny open_clip models written as local-dir folders, loaded through the real code path."""
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pytest
 import torch
@@ -12,8 +10,6 @@ from search.encoders import EncoderSpec, create_encoder
 from search.openclip_encoder import init_local_dir, save_local_dir
 
 from .helpers import TINY_MODEL_CFG, draw, make_pairs
-
-logging.getLogger("root").setLevel(logging.ERROR)  # open_clip logs INFO/WARNING on the root logger
 
 
 @pytest.fixture(scope="session")
