@@ -16,6 +16,7 @@ from search.index_choice import DEFAULT_TARGET_RECALL, IndexOptions, parse_size
 from search.openclip_encoder import init_local_dir
 
 from .finetune import STATE_DIR, FinetuneConfig, Trainer
+from .verify import info, verify
 
 from .pipeline import BuildConfig, build_index
 from .readers import READERS, read_dataset
@@ -88,6 +89,31 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _info(args: argparse.Namespace) -> int:
+    details = info(args.index)
+    if args.json:
+        print(json.dumps(details, indent=2, ensure_ascii=False))
+        return 0
+    for key, value in details.items():
+        if key == "indexes":
+            for kind, entry in value.items():
+                extra = ", ".join(f"{k} {v}" for k, v in entry.items() if k != "factory" and v not in (None, {}))
+                print(f"{kind + ' index':>16}: {entry.get('factory')}{' (' + extra + ')' if extra else ''}")
+        else:
+            print(f"{key:>16}: {value}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    report = verify(args.index, args.images, args.sample, use_model=not args.no_model)
+    print("\n".join(report.checks))
+    if report.failures:
+        print(f"error: {report.failures} check(s) failed for {args.index}", file=sys.stderr)
+        return 1
+    print(f"{args.index}: all {len(report.checks)} checks passed")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m indexer", description="Build image-text search indexes.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -115,6 +141,19 @@ def make_parser() -> argparse.ArgumentParser:
     build.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
     build.add_argument("--quiet", action="store_true", help="no progress bar or info logs")
     build.set_defaults(func=_build)
+
+    about = commands.add_parser("info", help="what an index holds")
+    about.add_argument("--index", type=Path, required=True)
+    about.add_argument("--json", action="store_true")
+    about.set_defaults(func=_info)
+
+    check = commands.add_parser("verify", help="check that manifest, FAISS indexes, vectors, catalog, model and "
+                                               "image files agree; exit 1 on any disagreement")
+    check.add_argument("--index", type=Path, required=True)
+    check.add_argument("--images", type=Path, default=None, help="image root (default: the one recorded at build)")
+    check.add_argument("--sample", type=int, default=8, help="images and captions re-encoded (default: 8)")
+    check.add_argument("--no-model", action="store_true", help="skip the checks that load the model")
+    check.set_defaults(func=_verify)
 
     tune = commands.add_parser("finetune", help="adapt the model to captioned images (contrastive training)")
     tune.add_argument("--format", required=True, choices=sorted(set(READERS) - {"folder"}), help="dataset format")

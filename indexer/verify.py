@@ -1,0 +1,129 @@
+"""`indexer info` and `indexer verify`: what an index holds, and whether its parts agree with each other and with
+the model and files they came from."""
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from search.encoders import create_encoder
+from search.errors import EngineError, ImageReadError
+from search.images import load_image
+from search.store import StoredIndex, open_index
+
+# re-encoding the same input with the same weights agrees to float rounding in fp32; lower precisions drift a little
+REENCODE_MIN_COSINE = {"fp32": 0.999, "bf16": 0.99, "fp16": 0.99, "int8": 0.99}
+
+
+@dataclass
+class Verification:
+    checks: list[str] = field(default_factory=list)  # "ok: ..." and "FAIL: ..." lines, in order
+    failures: int = 0
+
+    def check(self, passed: bool, ok: str, failed: str) -> bool:
+        self.checks.append(f"ok: {ok}" if passed else f"FAIL: {failed}")
+        self.failures += not passed
+        return passed
+
+
+def info(path: Path) -> dict:
+    index = open_index(path)
+    m = index.manifest
+    size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    return {"path": str(Path(path).resolve()), "format_version": m.format_version, "model": str(m.encoder),
+            "fingerprint": m.fingerprint, "precision": m.precision, "dim": m.dim, "metric": m.metric,
+            "images": m.n_images, "captions": m.n_captions, "indexes": m.indexes or
+            {"images": {"factory": m.image_factory}, "captions": {"factory": m.caption_factory}},
+            "source": m.source, "skipped": len(m.skipped), "created": m.created, "disk_bytes": size}
+
+
+def _structure(index: StoredIndex, report: Verification) -> None:
+    m = index.manifest
+    with sqlite3.connect(f"file:{index.catalog.path}?mode=ro", uri=True) as db:
+        image_ids = [row[0] for row in db.execute("SELECT id FROM images ORDER BY id")]
+        caption_rows = db.execute("SELECT id, image_id FROM captions ORDER BY id").fetchall()
+    report.check(image_ids == list(range(m.n_images)), f"catalog holds images 0..{m.n_images - 1}",
+                 f"catalog holds {len(image_ids)} images with ids {image_ids[:3]}…, manifest says {m.n_images}")
+    report.check([r[0] for r in caption_rows] == list(range(m.n_captions)),
+                 f"catalog holds captions 0..{m.n_captions - 1}",
+                 f"catalog holds {len(caption_rows)} captions, manifest says {m.n_captions}")
+    orphans = sum(1 for _, image_id in caption_rows if not 0 <= image_id < m.n_images)
+    report.check(orphans == 0, "every caption belongs to an indexed image", f"{orphans} captions point at no image")
+    for kind, expected, faiss_index in (("images", m.n_images, index.images), ("captions", m.n_captions,
+                                                                                 index.captions)):
+        try:
+            vectors = index.vectors(kind)
+        except (OSError, ValueError) as exc:
+            report.check(False, "", f"{kind} vectors unreadable ({exc})")
+            continue
+        if not report.check(vectors.shape == (expected, m.dim) and vectors.dtype == np.float32,
+                            f"{kind} vectors: {expected} x {m.dim} float32",
+                            f"{kind} vectors are {vectors.shape} {vectors.dtype}, manifest says {expected} x {m.dim}"):
+            continue
+        norms = np.linalg.norm(np.asarray(vectors, np.float32), axis=1) if expected else np.ones(0)
+        report.check(bool(np.all(np.isfinite(norms)) and np.allclose(norms, 1, atol=1e-3)),
+                     f"{kind} vectors are finite and unit length", f"{kind} vectors are not all finite unit vectors")
+        sample = np.random.default_rng(0).choice(expected, min(32, expected), replace=False) if expected else []
+        if len(sample):
+            found = faiss_index.search(np.asarray(vectors[np.sort(sample)], np.float32), 10)[1]
+            missing = sum(i not in row for i, row in zip(np.sort(sample), found))
+            report.check(missing == 0, f"{kind} FAISS index finds {len(sample)} sampled stored vectors",
+                         f"{kind} FAISS index misses {missing} of {len(sample)} sampled stored vectors (ids or "
+                         f"vectors out of step)")
+
+
+def _against_model(index: StoredIndex, images_root: Path, sample_size: int, report: Verification) -> None:
+    m = index.manifest
+    encoder = create_encoder(m.encoder, precision=m.precision)
+    if not report.check(encoder.fingerprint == m.fingerprint and encoder.dim == m.dim,
+                        f"model {m.encoder} has the fingerprint the index was built with",
+                        f"model {m.encoder} now has fingerprint {encoder.fingerprint}, the index was built with "
+                        f"{m.fingerprint}"):
+        return
+    floor = REENCODE_MIN_COSINE.get(m.precision, 0.99)
+    rng = np.random.default_rng(1)
+    ids = sorted(rng.choice(m.n_images, min(sample_size, m.n_images), replace=False).tolist())
+    records = index.catalog.images(ids)
+    stored = index.vectors("images")
+    cosines, unreadable = [], []
+    for image_id in ids:
+        try:
+            image = load_image(images_root / records[image_id].path, min_side=encoder.image_size)
+        except ImageReadError as exc:
+            unreadable.append(str(exc))
+            continue
+        cosines.append(float(encoder.encode_images([image])[0] @ stored[image_id]))
+    report.check(not unreadable, f"{len(ids)} sampled image files are readable",
+                 f"{len(unreadable)} sampled image files are unreadable (first: {unreadable[:1]})")
+    if cosines:
+        report.check(min(cosines) >= floor, f"re-encoded images match stored vectors (min cosine {min(cosines):.5f})",
+                     f"re-encoded images differ from stored vectors (min cosine {min(cosines):.5f} < {floor})")
+    if m.n_captions:
+        caption_ids = sorted(rng.choice(m.n_captions, min(sample_size, m.n_captions), replace=False).tolist())
+        texts = index.catalog.captions(caption_ids)
+        encoded = encoder.encode_texts([texts[i].text for i in caption_ids])
+        worst = float(np.min(np.sum(encoded * np.asarray(index.vectors("captions")[caption_ids]), axis=1)))
+        report.check(worst >= floor, f"re-encoded captions match stored vectors (min cosine {worst:.5f})",
+                     f"re-encoded captions differ from stored vectors (min cosine {worst:.5f} < {floor})")
+
+
+def verify(path: Path, images_root: Path | None = None, sample_size: int = 8, use_model: bool = True) -> Verification:
+    """Every check, in order; a failure does not stop the later independent checks."""
+    report = Verification()
+    try:
+        index = open_index(path)  # manifest, files present, FAISS counts and dims against the manifest
+    except EngineError as exc:
+        report.check(False, "", str(exc))
+        return report
+    report.checks.append(f"ok: manifest and FAISS indexes agree ({index.manifest.n_images} images, "
+                         f"{index.manifest.n_captions} captions, dim {index.manifest.dim})")
+    _structure(index, report)
+    if use_model and index.manifest.n_images:
+        root = Path(images_root or index.manifest.source.get("images") or ".")
+        try:
+            _against_model(index, root, sample_size, report)
+        except EngineError as exc:
+            report.check(False, "", f"model check: {exc}")
+    return report
