@@ -14,11 +14,12 @@ from search.errors import IndexExistsError
 from search.images import DEFAULT_MAX_MEGAPIXELS
 from search.index_choice import DEFAULT_TARGET_RECALL, IndexOptions, parse_size
 from search.openclip_encoder import init_local_dir
+from search.store import open_index
 
 from .finetune import STATE_DIR, FinetuneConfig, Trainer
 from .verify import info, verify
 
-from .pipeline import BuildConfig, build_index
+from .pipeline import BuildConfig, Reuse, build_index
 from .readers import READERS, read_dataset
 from .writer import check_output_dir
 
@@ -33,8 +34,28 @@ def _build(args: argparse.Namespace) -> int:
     config = BuildConfig(batch_size=args.batch_size, workers=args.workers, max_megapixels=args.max_megapixels,
                          index=index, overwrite=args.overwrite, progress=not args.quiet)
     source = {"format": args.format, "annotations": str(Path(args.annotations).resolve()) if args.annotations else None,
-              "images": str(Path(args.images).resolve()), "split": args.split}
+              "images": str(Path(args.images).resolve()), "split": args.split,
+              "include_hidden": args.include_hidden}
     report = build_index(samples, args.images, encoder, out, config, source)
+    print(report.summary())
+    return 0
+
+
+def _update(args: argparse.Namespace) -> int:
+    previous = open_index(args.index)
+    manifest = previous.manifest
+    source = dict(manifest.source)
+    images = Path(args.images or source.get("images") or ".")
+    samples = read_dataset(source["format"], source.get("annotations"), images, source.get("split"),
+                           source.get("include_hidden", False))
+    encoder = create_encoder(manifest.encoder, device=args.device, batch_size=args.batch_size,
+                             precision=manifest.precision)
+    previous.check_encoder(encoder)
+    config = BuildConfig(batch_size=args.batch_size, workers=args.workers, max_megapixels=args.max_megapixels,
+                         index=IndexOptions(target_recall=args.target_recall), overwrite=True,
+                         progress=not args.quiet)
+    report = build_index(samples, images, encoder, args.index, config, {**source, "images": str(images.resolve())},
+                         Reuse(previous))
     print(report.summary())
     return 0
 
@@ -141,6 +162,17 @@ def make_parser() -> argparse.ArgumentParser:
     build.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
     build.add_argument("--quiet", action="store_true", help="no progress bar or info logs")
     build.set_defaults(func=_build)
+
+    refresh = commands.add_parser("update", help="rescan an index's source; encode only new and changed images")
+    refresh.add_argument("--index", type=Path, required=True)
+    refresh.add_argument("--images", type=Path, default=None, help="image root (default: the one recorded at build)")
+    refresh.add_argument("--device", default=None)
+    refresh.add_argument("--batch-size", type=int, default=64)
+    refresh.add_argument("--workers", type=int, default=BuildConfig.workers)
+    refresh.add_argument("--max-megapixels", type=float, default=DEFAULT_MAX_MEGAPIXELS)
+    refresh.add_argument("--target-recall", type=float, default=DEFAULT_TARGET_RECALL)
+    refresh.add_argument("--quiet", action="store_true")
+    refresh.set_defaults(func=_update)
 
     about = commands.add_parser("info", help="what an index holds")
     about.add_argument("--index", type=Path, required=True)

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from search.catalog import CATALOG_NAME, CatalogWriter
+from search.catalog import CATALOG_NAME, CatalogWriter, FileInfo
 from search.errors import IndexExistsError
 from search.manifest import MANIFEST_NAME, Manifest
 from search.store import CAPTION_INDEX, CAPTION_VECTORS, IMAGE_INDEX, IMAGE_VECTORS
@@ -66,10 +66,10 @@ class IndexWriter:
         return self.catalog.n_captions
 
     def add(self, path: str, size: tuple[int, int], captions: Sequence[str], image_vector: np.ndarray,
-            caption_vectors: np.ndarray) -> None:
+            caption_vectors: np.ndarray, file: FileInfo | None = None) -> None:
         """One image with its captions; vectors are rows of the encoder's output."""
         assert len(captions) == len(caption_vectors)
-        self.catalog.add(path, size[0], size[1], captions)
+        self.catalog.add(path, size[0], size[1], captions, file)
         self._image_vectors.append(np.asarray(image_vector, np.float32)[None])
         if len(captions):
             self._caption_vectors.append(np.asarray(caption_vectors, np.float32))

@@ -15,10 +15,19 @@ from typing import Iterable, Sequence
 CATALOG_NAME = "catalog.sqlite"
 
 SCHEMA = """
-CREATE TABLE images (id INTEGER PRIMARY KEY, path TEXT NOT NULL UNIQUE, width INTEGER, height INTEGER);
+CREATE TABLE images (id INTEGER PRIMARY KEY, path TEXT NOT NULL UNIQUE, width INTEGER, height INTEGER,
+                     size INTEGER, mtime_ns INTEGER, sha1 TEXT);
 CREATE TABLE captions (id INTEGER PRIMARY KEY, image_id INTEGER NOT NULL REFERENCES images(id), text TEXT NOT NULL);
 CREATE INDEX captions_by_image ON captions(image_id);
 """
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """What identifies an image file's content: size and mtime to skip unchanged files, a hash to spot moves."""
+    size: int
+    mtime_ns: int
+    sha1: str
 
 
 @dataclass(frozen=True)
@@ -27,6 +36,9 @@ class ImageRecord:
     path: str
     width: int
     height: int
+    size: int = 0
+    mtime_ns: int = 0
+    sha1: str = ""
 
 
 @dataclass(frozen=True)
@@ -45,9 +57,12 @@ class CatalogWriter:
         self.n_images = 0
         self.n_captions = 0
 
-    def add(self, path: str, width: int, height: int, captions: Sequence[str]) -> tuple[int, list[int]]:
+    def add(self, path: str, width: int, height: int, captions: Sequence[str],
+            file: FileInfo | None = None) -> tuple[int, list[int]]:
         image_id = self.n_images
-        self.conn.execute("INSERT INTO images VALUES (?, ?, ?, ?)", (image_id, path, width, height))
+        file = file or FileInfo(0, 0, "")
+        self.conn.execute("INSERT INTO images VALUES (?, ?, ?, ?, ?, ?, ?)",
+                          (image_id, path, width, height, file.size, file.mtime_ns, file.sha1))
         caption_ids = list(range(self.n_captions, self.n_captions + len(captions)))
         self.conn.executemany("INSERT INTO captions VALUES (?, ?, ?)",
                               [(cid, image_id, text) for cid, text in zip(caption_ids, captions)])
@@ -79,8 +94,11 @@ class Catalog:
 
     def images(self, ids: Iterable[int]) -> dict[int, ImageRecord]:
         ids = [int(i) for i in ids]
-        rows = self._select("SELECT id, path, width, height FROM images WHERE id IN ({})", ids)
+        rows = self._select("SELECT * FROM images WHERE id IN ({})", ids)
         return {row[0]: ImageRecord(*row) for row in rows}
+
+    def all_images(self) -> list[ImageRecord]:
+        return [ImageRecord(*row) for row in self._conn.execute("SELECT * FROM images ORDER BY id")]
 
     def captions_of(self, image_ids: Iterable[int]) -> dict[int, list[str]]:
         image_ids = [int(i) for i in image_ids]

@@ -52,13 +52,13 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_image(source: ImageSource, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
-               min_side: int | None = None) -> Image.Image:
+               min_side: int | None = None, name: str | None = None) -> Image.Image:
     """Decode `source` (path, bytes or PIL image) into an upright RGB image; ImageReadError on any failure.
 
     With `min_side`, a JPEG is decoded at the smallest power-of-two reduction that keeps both sides >= min_side
     (libjpeg scales in the DCT domain: several times faster for photos); `image.info["source_size"]` then holds the
     upright size of the file itself."""
-    name = _describe(source)
+    name = name or _describe(source)
     if isinstance(source, Image.Image):
         return _to_rgb(source)
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 from .encoders import EncoderSpec
 from .errors import IndexFormatError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the catalog records each image file's size, mtime and SHA-1
 MANIFEST_NAME = "manifest.json"
 
 
