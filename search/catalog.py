@@ -76,21 +76,18 @@ class CatalogWriter:
 
 
 class Catalog:
+    """Read-only view of one version of the catalog. The file is opened once, here, so the view stays bound to that
+    version even after an update renames a new one into its place (and deletes this one); threads share the
+    connection under a lock (queries take well under a millisecond)."""
+
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._local = threading.local()
+        self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+        self._lock = threading.Lock()
 
-    @property
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
-            self._local.conn = conn
-        return conn
-
-    def count(self, table: str) -> int:
-        assert table in ("images", "captions")
-        return int(self._conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+    def _rows(self, sql: str, params: Sequence = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
 
     def images(self, ids: Iterable[int]) -> dict[int, ImageRecord]:
         ids = [int(i) for i in ids]
@@ -98,7 +95,7 @@ class Catalog:
         return {row[0]: ImageRecord(*row) for row in rows}
 
     def all_images(self) -> list[ImageRecord]:
-        return [ImageRecord(*row) for row in self._conn.execute("SELECT * FROM images ORDER BY id")]
+        return [ImageRecord(*row) for row in self._rows("SELECT * FROM images ORDER BY id")]
 
     def captions_of(self, image_ids: Iterable[int]) -> dict[int, list[str]]:
         image_ids = [int(i) for i in image_ids]
@@ -115,11 +112,11 @@ class Catalog:
 
     def caption_image_ids(self) -> list[int]:
         """image id of every caption, in caption id order (the ground truth for recall@k)."""
-        return [row[0] for row in self._conn.execute("SELECT image_id FROM captions ORDER BY id")]
+        return [row[0] for row in self._rows("SELECT image_id FROM captions ORDER BY id")]
 
     def _select(self, sql: str, ids: list[int]) -> list[tuple]:
         rows: list[tuple] = []
         for start in range(0, len(ids), 500):  # stay under SQLite's bound-parameter limit
             chunk = ids[start:start + 500]
-            rows += self._conn.execute(sql.format(",".join("?" * len(chunk))), chunk).fetchall()
+            rows += self._rows(sql.format(",".join("?" * len(chunk))), chunk)
         return rows

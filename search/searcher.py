@@ -104,24 +104,35 @@ class Searcher:
             raise QueryError(f"k must be between 1 and {self.config.max_k}")
         if offset < 0 or offset + k > self.config.max_k * 10:
             raise QueryError(f"offset must be between 0 and {self.config.max_k * 10 - k}")
-        vector_index = self.index.images if target == "images" else self.index.captions
+        index = self.index  # one snapshot for the whole query: `reopen` may swap in a new version meanwhile
+        vector_index = index.images if target == "images" else index.captions
         scores, ids = vector_index.search(vector[None], offset + k)
         scores, ids = scores[0, offset:], ids[0, offset:]
         keep = ids >= 0
         scores, ids = scores[keep], ids[keep]
         if target == "images":
-            return self._image_hits(scores, ids, offset)
-        return self._caption_hits(scores, ids, offset)
+            return self._image_hits(index, scores, ids, offset)
+        return self._caption_hits(index, scores, ids, offset)
 
-    def _image_hits(self, scores: np.ndarray, ids: np.ndarray, offset: int) -> list[Hit]:
-        records = self.index.catalog.images(ids)
-        captions = self.index.catalog.captions_of(ids)
+    def reopen(self) -> bool:
+        """Switch to the index now on disk at the same path (after an update); False when it is the same version.
+        Raises like `open_index`/`check_encoder` and then keeps serving the version it had."""
+        fresh = open_index(self.index.path)
+        if fresh.version == self.index.version:
+            return False
+        fresh.check_encoder(self.encoder)
+        self.index = fresh  # one reference assignment: readers see the old or the new version, never a mix
+        return True
+
+    def _image_hits(self, index: StoredIndex, scores: np.ndarray, ids: np.ndarray, offset: int) -> list[Hit]:
+        records = index.catalog.images(ids)
+        captions = index.catalog.captions_of(ids)
         return [Hit(rank=offset + i + 1, score=float(s), image_id=int(j), image=records[int(j)].path,
                     captions=tuple(captions[int(j)])) for i, (s, j) in enumerate(zip(scores, ids))]
 
-    def _caption_hits(self, scores: np.ndarray, ids: np.ndarray, offset: int) -> list[Hit]:
-        captions = self.index.catalog.captions(ids)
-        images = self.index.catalog.images({c.image_id for c in captions.values()})
+    def _caption_hits(self, index: StoredIndex, scores: np.ndarray, ids: np.ndarray, offset: int) -> list[Hit]:
+        captions = index.catalog.captions(ids)
+        images = index.catalog.images({c.image_id for c in captions.values()})
         hits = []
         for i, (s, j) in enumerate(zip(scores, ids)):
             caption = captions[int(j)]

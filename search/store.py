@@ -13,7 +13,7 @@ import numpy as np
 from .catalog import CATALOG_NAME, Catalog
 from .encoders import Encoder
 from .errors import IndexFormatError, ModelMismatchError
-from .manifest import Manifest, read_manifest
+from .manifest import MANIFEST_NAME, Manifest, read_manifest
 from .vector_index import VectorIndex
 
 IMAGE_INDEX = "images.faiss"
@@ -29,11 +29,13 @@ class StoredIndex:
     catalog: Catalog
     images: VectorIndex
     captions: VectorIndex
+    image_vectors: np.ndarray  # raw float32 vectors, memory-mapped when opened: bound to this version's files
+    caption_vectors: np.ndarray
+    version: tuple = ()  # identity of the manifest file: changes whenever a build or update swaps a new index in
 
     def vectors(self, kind: str) -> np.ndarray:
-        """The raw float32 vectors ('images' or 'captions'), memory-mapped."""
-        name = IMAGE_VECTORS if kind == "images" else CAPTION_VECTORS
-        return np.load(self.path / name, mmap_mode="r")
+        """The raw float32 vectors ('images' or 'captions') of this version."""
+        return self.image_vectors if kind == "images" else self.caption_vectors
 
     def check_encoder(self, encoder: Encoder) -> None:
         """Raise ModelMismatchError unless `encoder` is the model this index was built with."""
@@ -54,7 +56,7 @@ def open_index(path: Path | str) -> StoredIndex:
     """Open an index directory read-only; IndexFormatError when files are missing or disagree."""
     path = Path(path)
     manifest = read_manifest(path)
-    for name in (CATALOG_NAME, IMAGE_INDEX, CAPTION_INDEX):
+    for name in (CATALOG_NAME, IMAGE_INDEX, CAPTION_INDEX, IMAGE_VECTORS, CAPTION_VECTORS):
         if not (path / name).is_file():
             raise IndexFormatError(f"index {path} is incomplete: {name} is missing")
     try:
@@ -69,4 +71,17 @@ def open_index(path: Path | str) -> StoredIndex:
             raise IndexFormatError(
                 f"index {path}: {kind} index holds {index.ntotal} vectors of dim {index.dim}, manifest says "
                 f"{expected} of dim {manifest.dim}")
-    return StoredIndex(path, manifest, Catalog(path / CATALOG_NAME), images, captions)
+    try:
+        vectors = [_open_vectors(path / name) for name in (IMAGE_VECTORS, CAPTION_VECTORS)]
+    except ValueError as exc:
+        raise IndexFormatError(f"index {path}: unreadable vectors file ({exc})") from None
+    stat = (path / MANIFEST_NAME).stat()
+    return StoredIndex(path, manifest, Catalog(path / CATALOG_NAME), images, captions, *vectors,
+                       (stat.st_ino, stat.st_mtime_ns))
+
+
+def _open_vectors(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r")
+    except ValueError:  # an empty array cannot be memory-mapped
+        return np.load(path)

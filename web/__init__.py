@@ -1,6 +1,8 @@
 """Flask web UI and JSON API over one index: `create_app(config)` loads the index and model once."""
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,14 +19,36 @@ from .thumbnails import ThumbnailCache, default_thumbnail_dir
 EXTENSION_KEY = "image_search"
 
 
+RELOAD_CHECK_SECONDS = 1.0
+
+
 @dataclass
 class Engine:
     """What the blueprints share: the searcher (model + index, read-only), the image root and the thumbnail cache."""
 
     config: WebConfig
     searcher: Searcher
-    images_root: Path
     thumbnails: ThumbnailCache
+    last_check: float = 0.0
+
+    @property
+    def images_root(self) -> Path:
+        return Path(self.config.images or self.searcher.index.manifest.source.get("images") or ".")
+
+    def reload_if_changed(self, force: bool = False) -> bool:
+        """Switch to a new version of the index on disk (after `indexer update` or a rebuild). Checked at most once a
+        second; while a swap is half done, or if the new version cannot be used, the current one keeps serving."""
+        now = time.monotonic()
+        if not force and now - self.last_check < RELOAD_CHECK_SECONDS:
+            return False
+        self.last_check = now
+        try:
+            return self.searcher.reopen()
+        except (EngineError, OSError) as exc:
+            if force:
+                raise
+            logging.getLogger(__name__).warning("keeping the current index: %s", exc)
+            return False
 
     def image_file(self, record: ImageRecord) -> Path:
         """The file of a catalog image; never a path from the request, and never outside the image root."""
@@ -49,14 +73,18 @@ def create_app(config: WebConfig | dict | None = None, **settings) -> Flask:
                                  max_megapixels=config.max_megapixels, text_cache_size=config.text_cache_size)
     searcher = Searcher.open(config.index, config.model, config.pretrained, config.device, search_config,
                              config.precision)
-    images_root = Path(config.images or searcher.index.manifest.source.get("images") or ".")
     thumbnails = ThumbnailCache(config.thumbnail_dir or default_thumbnail_dir(config.index), config.thumbnail_size,
                                 config.max_megapixels)
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = int(config.max_upload_mb * 1024 * 1024)
     app.json.ensure_ascii = False
-    app.extensions[EXTENSION_KEY] = Engine(config, searcher, images_root, thumbnails)
+    app.extensions[EXTENSION_KEY] = Engine(config, searcher, thumbnails)
+
+    @app.before_request
+    def follow_updates() -> None:  # must return None: anything else would become the response
+        engine().reload_if_changed()
+
 
     from .api import api
     from .pages import pages

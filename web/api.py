@@ -14,6 +14,7 @@ from flask import Blueprint, jsonify, request, url_for
 from werkzeug.exceptions import BadRequest, NotFound
 
 from search.cli import hit_to_json
+from search.errors import EngineError
 from search.searcher import TARGETS, Hit
 
 from . import engine
@@ -92,6 +93,17 @@ def image_info(image_id: int):
                    captions=catalog.captions_of([image_id])[image_id],
                    thumbnail=url_for("pages.thumbnail", image_id=image_id),
                    url=url_for("pages.original", image_id=image_id))
+
+
+@api.post("/reload")
+def reload():
+    """Switch to the index version now on disk; 409 with the reason when it cannot be used."""
+    try:
+        switched = engine().reload_if_changed(force=True)
+    except EngineError as exc:
+        return jsonify(error=f"kept the current index: {exc}"), 409
+    manifest = engine().searcher.index.manifest
+    return jsonify(reloaded=switched, images=manifest.n_images, captions=manifest.n_captions)
 
 
 @api.get("/health")

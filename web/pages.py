@@ -32,9 +32,9 @@ def home():
 
 @pages.get("/thumb/<int:image_id>")
 def thumbnail(image_id: int):
-    _, path = _record(image_id)
+    record, path = _record(image_id)
     try:
-        thumb = engine().thumbnails.get(image_id, path)
+        thumb = engine().thumbnails.get(record.sha1 or f"id{image_id}", path)
     except ImageReadError:
         abort(404)
     return send_file(thumb, mimetype="image/jpeg", conditional=True, etag=True, max_age=CACHE_SECONDS)

@@ -15,15 +15,16 @@ class ThumbnailCache:
         self.size = size
         self.max_megapixels = max_megapixels
 
-    def get(self, image_id: int, source: Path) -> Path:
-        """Path of the thumbnail of `source`; made if missing or older than the source. ImageReadError if the source
-        cannot be decoded."""
-        target = self.folder / f"{image_id}.jpg"
+    def get(self, key: str, source: Path) -> Path:
+        """Path of the thumbnail of `source` under `key` (its content hash, stable across index versions); made if
+        missing or older than the source. ImageReadError if the source cannot be decoded."""
+        target = self.folder / f"{key}.jpg"
         if target.is_file() and target.stat().st_mtime >= source.stat().st_mtime:
             return target
         image = load_image(source, self.max_megapixels)
         image.thumbnail((self.size, self.size))
         # write beside and rename: concurrent requests for one thumbnail never read a half-written file
+        self.folder.mkdir(parents=True, exist_ok=True)  # an update swaps in a new index directory without it
         handle, tmp = tempfile.mkstemp(suffix=".jpg", dir=self.folder)
         with os.fdopen(handle, "wb") as out:
             image.save(out, "JPEG", quality=85)
