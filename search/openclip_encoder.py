@@ -107,8 +107,7 @@ def _apply_precision(model: torch.nn.Module, precision: str, device: torch.devic
 
         model = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     for module in model.modules():  # open_clip reads the compute dtype from the MLP's weight; it offers this hook
-        if type(module).__name__ == "DynamicQuantizedLinear" or module.__class__.__module__.startswith(
-                "torch.ao.nn.quantized"):
+        if type(module).__module__.startswith("torch.ao.nn.quantized"):
             module.int8_original_dtype = torch.float32
     return model
 

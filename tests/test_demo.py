@@ -2,11 +2,9 @@ import hashlib
 import json
 import random
 
-import pytest
-
 from indexer import finetune
 from indexer.readers import read_dataset
-from indexer.scenes import IMAGE_DIR, Scene, captions, generate, random_scene, twin
+from indexer.scenes import IMAGE_DIR, captions, generate, random_scene, twin
 from web.__main__ import main as web_main
 from web.demo import SCALES
 

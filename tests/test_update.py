@@ -2,7 +2,6 @@ import os
 import sqlite3
 
 import numpy as np
-import pytest
 
 from indexer import pipeline
 from indexer.cli import main as indexer_main
