@@ -21,18 +21,20 @@ from .verify import info, verify
 
 from .pipeline import BuildConfig, Reuse, build_index
 from .readers import READERS, read_dataset
-from .writer import check_output_dir
+from .writer import check_output_dir, partial_dir
 
 
 def _build(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_output_dir(out, args.overwrite)  # fail before loading a model or reading a dataset
+    if args.resume and not (partial_dir(out) / "progress.json").is_file():
+        raise IndexExistsError(f"nothing to resume for {out}: no interrupted build in {partial_dir(out)}")
     samples = read_dataset(args.format, args.annotations, args.images, args.split, args.include_hidden)
     encoder = create_encoder(EncoderSpec.from_args(args.model, args.pretrained), device=args.device,
                              batch_size=args.batch_size, precision=args.precision)
     index = IndexOptions(args.index_type, parse_size(args.memory_budget), args.target_recall)
     config = BuildConfig(batch_size=args.batch_size, workers=args.workers, max_megapixels=args.max_megapixels,
-                         index=index, overwrite=args.overwrite, progress=not args.quiet)
+                         index=index, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
     source = {"format": args.format, "annotations": str(Path(args.annotations).resolve()) if args.annotations else None,
               "images": str(Path(args.images).resolve()), "split": args.split,
               "include_hidden": args.include_hidden}
@@ -53,7 +55,7 @@ def _update(args: argparse.Namespace) -> int:
     previous.check_encoder(encoder)
     config = BuildConfig(batch_size=args.batch_size, workers=args.workers, max_megapixels=args.max_megapixels,
                          index=IndexOptions(target_recall=args.target_recall), overwrite=True,
-                         progress=not args.quiet)
+                         resume=args.resume, progress=not args.quiet)
     report = build_index(samples, images, encoder, args.index, config, {**source, "images": str(images.resolve())},
                          Reuse(previous))
     print(report.summary())
@@ -157,6 +159,8 @@ def make_parser() -> argparse.ArgumentParser:
     build.add_argument("--target-recall", type=float, default=DEFAULT_TARGET_RECALL,
                        help=f"recall@10 against exact search that approximate indexes are tuned to reach "
                             f"(default: {DEFAULT_TARGET_RECALL})")
+    build.add_argument("--resume", action="store_true",
+                       help="continue an interrupted build (same arguments) from its last completed batch")
     build.add_argument("--include-hidden", action="store_true",
                        help="folder format: also index hidden files and folders (names starting with a dot)")
     build.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
@@ -171,6 +175,7 @@ def make_parser() -> argparse.ArgumentParser:
     refresh.add_argument("--workers", type=int, default=BuildConfig.workers)
     refresh.add_argument("--max-megapixels", type=float, default=DEFAULT_MAX_MEGAPIXELS)
     refresh.add_argument("--target-recall", type=float, default=DEFAULT_TARGET_RECALL)
+    refresh.add_argument("--resume", action="store_true", help="continue an interrupted update")
     refresh.add_argument("--quiet", action="store_true")
     refresh.set_defaults(func=_update)
 

@@ -44,6 +44,7 @@ class BuildConfig:
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
     index: IndexOptions = IndexOptions()
     overwrite: bool = False
+    resume: bool = False  # continue an interrupted build of the same job from its last completed batch
     progress: bool = True
 
 
@@ -163,15 +164,20 @@ def build_index(samples: Sequence[Sample], images_root: Path, encoder: Encoder, 
 
     started = time.perf_counter()
     encode_seconds = 0.0
-    skipped: list[dict] = []
+    job = {"source": source or {}, "encoder": encoder.spec.to_dict(), "fingerprint": encoder.fingerprint,
+           "precision": encoder.precision, "samples": len(samples), "update": reuse is not None,
+           "max_megapixels": config.max_megapixels}
     changes = dict.fromkeys(("new", "changed", "moved", "unchanged"), 0)
     moved_from: set[str] = set()
     # route log lines around the progress bar only when there is one (the redirect replaces the root's handlers)
     redirect = logging_redirect_tqdm() if config.progress else contextlib.nullcontext()
-    with redirect, IndexWriter(out, config.overwrite, encoder.dim) as writer, \
+    with redirect, IndexWriter(out, config.overwrite, encoder.dim, job, config.resume) as writer, \
             ThreadPoolExecutor(config.workers, thread_name_prefix="decode") as pool, \
-            tqdm(total=len(samples), unit="img", desc="encoding", disable=not config.progress) as bar:
-        for batch in batched(prefetch(pool, load, samples, ahead=2 * config.batch_size), config.batch_size):
+            tqdm(total=len(samples), initial=writer.samples_done, unit="img", desc="encoding",
+                 disable=not config.progress) as bar:
+        skipped: list[dict] = list(writer.skipped)
+        done = writer.samples_done
+        for batch in batched(prefetch(pool, load, samples[done:], ahead=2 * config.batch_size), config.batch_size):
             good = [item for item in batch if item.error is None]
             for item in batch:
                 if item.error is not None:
@@ -195,6 +201,8 @@ def build_index(samples: Sequence[Sample], images_root: Path, encoder: Encoder, 
                     writer.add(item.sample.image, item.size, item.sample.captions, image_vector,
                                text_vectors[offset:offset + n], item.file)
                     offset += n
+            done += len(batch)
+            writer.checkpoint(done, skipped)
             bar.update(len(batch))
             bar.set_postfix(skipped=len(skipped), refresh=False)
         if writer.n_images == 0:

@@ -1,10 +1,18 @@
-"""IndexWriter: collects vectors and catalog rows in a temporary directory beside the target and renames it into
-place on commit, so readers see either the old index or the complete new one, and a failed build leaves nothing.
+"""IndexWriter: collects vectors and catalog rows in a work directory beside the target (`.NAME.partial`) and
+renames it into place on commit, so readers see either the old index or the complete new one.
+
+Write-ahead for resume: after every batch the vectors are appended to raw files and fsync'd, the catalog commits, and
+`progress.json` is replaced atomically. The progress file is the truth: on resume, rows past it (a batch that was
+being written when the process died) are cut off. A failure (bad data) deletes the work directory; an interruption
+(Ctrl-C, kill -9, power loss) leaves it for `--resume`.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
+import sqlite3
 import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -13,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from search.catalog import CATALOG_NAME, CatalogWriter, FileInfo
-from search.errors import IndexExistsError
+from search.errors import EngineError, IndexExistsError
 from search.manifest import MANIFEST_NAME, Manifest
 from search.store import CAPTION_INDEX, CAPTION_VECTORS, IMAGE_INDEX, IMAGE_VECTORS
 from search.index_choice import IndexOptions, build_tuned
@@ -34,28 +42,70 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         raise IndexExistsError(f"{out} is a non-empty directory that is not an index; refusing to replace it")
 
 
-class IndexWriter:
-    """Usage: `with IndexWriter(out, overwrite) as w: w.add(...); w.commit(manifest)`; leaving the block without
-    commit (an exception, Ctrl-C) deletes the temporary directory and keeps any existing index untouched."""
+PROGRESS = "progress.json"
+RAW_VECTORS = {"images": "image_vectors.f32", "captions": "caption_vectors.f32"}
 
-    def __init__(self, out: Path, overwrite: bool = False, dim: int = 0):
+
+def partial_dir(out: Path) -> Path:
+    return Path(out).parent / f".{Path(out).name}.partial"
+
+
+class IndexWriter:
+    """Usage: `with IndexWriter(out, overwrite, dim, job) as w: w.add(...); w.checkpoint(n); w.commit(manifest)`.
+
+    `job` describes the build (source, model…); resuming requires the same job. Leaving the block by an exception
+    other than KeyboardInterrupt deletes the work directory; any existing index stays untouched either way."""
+
+    def __init__(self, out: Path, overwrite: bool = False, dim: int = 0, job: dict | None = None,
+                 resume: bool = False):
         self.out = Path(out)
         check_output_dir(self.out, overwrite)
         self.dim = dim
+        self.job = json.loads(json.dumps(job or {}))
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
-        self.catalog = CatalogWriter(self.tmp / CATALOG_NAME)
-        self._image_vectors: list[np.ndarray] = []
-        self._caption_vectors: list[np.ndarray] = []
+        self.tmp = partial_dir(self.out)
+        self.samples_done, self.skipped = 0, []
+        if resume:
+            self._reopen()
+        else:
+            if self.tmp.exists():
+                log.warning("discarding the interrupted build in %s (use --resume to continue it)", self.tmp)
+                shutil.rmtree(self.tmp)
+            self.tmp.mkdir()
+            self.catalog = CatalogWriter(self.tmp / CATALOG_NAME)
+        self._raw = {kind: (self.tmp / name).open("ab") for kind, name in RAW_VECTORS.items()}
         self.committed = False
+
+    def _reopen(self) -> None:
+        try:
+            progress = json.loads((self.tmp / PROGRESS).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise EngineError(f"nothing to resume for {self.out} (no interrupted build in {self.tmp})") from None
+        if progress["job"] != self.job:
+            raise EngineError(f"the interrupted build in {self.tmp} used other arguments; run it again without "
+                              f"--resume to start over")
+        n_images, n_captions = progress["n_images"], progress["n_captions"]
+        with sqlite3.connect(self.tmp / CATALOG_NAME) as db:  # rows of a batch that never reached the progress file
+            db.execute("DELETE FROM images WHERE id >= ?", (n_images,))
+            db.execute("DELETE FROM captions WHERE id >= ?", (n_captions,))
+        for kind, rows in (("images", n_images), ("captions", n_captions)):
+            with (self.tmp / RAW_VECTORS[kind]).open("ab") as raw:
+                raw.truncate(rows * self.dim * 4)
+        self.catalog = CatalogWriter(self.tmp / CATALOG_NAME, n_images, n_captions)
+        self.samples_done, self.skipped = progress["samples_done"], progress["skipped"]
+        log.info("resuming after %d samples (%d images indexed)", self.samples_done, n_images)
 
     def __enter__(self) -> "IndexWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
-        if not self.committed:
-            self.catalog.conn.close()
-            shutil.rmtree(self.tmp, ignore_errors=True)
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.committed:
+            return
+        for raw in self._raw.values():
+            raw.close()
+        self.catalog.conn.close()
+        if exc_type is not None and not issubclass(exc_type, KeyboardInterrupt):
+            shutil.rmtree(self.tmp, ignore_errors=True)  # a failure, not an interruption: nothing to resume
 
     @property
     def n_images(self) -> int:
@@ -70,18 +120,32 @@ class IndexWriter:
         """One image with its captions; vectors are rows of the encoder's output."""
         assert len(captions) == len(caption_vectors)
         self.catalog.add(path, size[0], size[1], captions, file)
-        self._image_vectors.append(np.asarray(image_vector, np.float32)[None])
+        self._raw["images"].write(np.asarray(image_vector, np.float32).tobytes())
         if len(captions):
-            self._caption_vectors.append(np.asarray(caption_vectors, np.float32))
+            self._raw["captions"].write(np.ascontiguousarray(caption_vectors, np.float32).tobytes())
 
-    def _stacked(self, parts: list[np.ndarray]) -> np.ndarray:
-        return np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
+    def checkpoint(self, samples_done: int, skipped: list[dict]) -> None:
+        """Make everything added so far durable, then record it (the record is what a resume trusts)."""
+        for raw in self._raw.values():
+            raw.flush()
+            os.fsync(raw.fileno())
+        self.catalog.conn.commit()
+        progress = {"samples_done": samples_done, "n_images": self.n_images, "n_captions": self.n_captions,
+                    "skipped": skipped, "job": self.job}
+        tmp = self.tmp / (PROGRESS + ".tmp")
+        tmp.write_text(json.dumps(progress), encoding="utf-8")
+        os.replace(tmp, self.tmp / PROGRESS)
+
+    def _vectors(self, kind: str) -> np.ndarray:
+        return np.fromfile(self.tmp / RAW_VECTORS[kind], np.float32).reshape(-1, self.dim)
 
     def commit(self, manifest: Manifest, options: IndexOptions = IndexOptions()) -> Manifest:
         """Write vectors, choose/train/tune and write the FAISS indexes, write the manifest (last, with the chosen
         factories and parameters), then swap the directory into place."""
+        for raw in self._raw.values():
+            raw.close()
         self.catalog.close()
-        images, captions = self._stacked(self._image_vectors), self._stacked(self._caption_vectors)
+        images, captions = self._vectors("images"), self._vectors("captions")
         total = max(1, len(images) + len(captions))
         reports = {}
         for kind, vectors, queries, index_name, vectors_name in (
@@ -98,6 +162,8 @@ class IndexWriter:
                          report.params, report.recall_at_10)
         manifest = replace(manifest, image_factory=reports["images"]["factory"],
                            caption_factory=reports["captions"]["factory"], indexes=reports)
+        for name in (*RAW_VECTORS.values(), PROGRESS):
+            (self.tmp / name).unlink(missing_ok=True)
         manifest.write(self.tmp)
         old = None
         if self.out.exists():

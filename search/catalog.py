@@ -51,11 +51,13 @@ class CaptionRecord:
 class CatalogWriter:
     """Appends images and captions with consecutive ids starting at 0."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, n_images: int = 0, n_captions: int = 0):
+        """A new catalog, or (with counts) one being continued after an interruption."""
         self.conn = sqlite3.connect(path)
-        self.conn.executescript(SCHEMA)
-        self.n_images = 0
-        self.n_captions = 0
+        if not n_images and not n_captions:
+            self.conn.executescript("DROP TABLE IF EXISTS captions; DROP TABLE IF EXISTS images;" + SCHEMA)
+        self.n_images = n_images
+        self.n_captions = n_captions
 
     def add(self, path: str, width: int, height: int, captions: Sequence[str],
             file: FileInfo | None = None) -> tuple[int, list[int]]:

@@ -24,7 +24,7 @@ def build(*args, model=None):
 
 
 def leftovers(folder: Path) -> list[str]:
-    return [p.name for p in folder.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+    return [p.name for p in folder.iterdir() if any(m in p.name for m in (".tmp-", ".old-", ".partial"))]
 
 
 @pytest.fixture

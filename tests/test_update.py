@@ -84,3 +84,27 @@ def test_update_errors(tmp_path, tiny_model_spec, trained_model_dir, capsys):
     before = catalog(index)
     assert indexer_main(["update", "--index", str(index), "--quiet"]) == 1  # nothing left: refused, index kept
     assert "no images listed" in capsys.readouterr().err and catalog(index) == before
+
+
+def test_an_interrupted_update_keeps_the_old_index_and_resumes(tmp_path, tiny_model_spec, monkeypatch):
+    from indexer import writer as writer_module
+
+    photos = write_images(tmp_path / "photos", PAIRS[:6])
+    index = tmp_path / "index"
+    assert build(["build", "--format", "folder", "--images", str(photos), "--out", str(index)], tiny_model_spec) == 0
+    before = catalog(index)
+    write_images(tmp_path / "photos", PAIRS[6:])
+    real_checkpoint = writer_module.IndexWriter.checkpoint
+
+    def interrupted(self, *a):
+        real_checkpoint(self, *a)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer_module.IndexWriter, "checkpoint", interrupted)
+    assert indexer_main(["update", "--index", str(index), "--batch-size", "4", "--quiet"]) == 130
+    monkeypatch.setattr(writer_module.IndexWriter, "checkpoint", real_checkpoint)
+    assert catalog(index) == before  # readers still see the complete old version
+    assert indexer_main(["update", "--index", str(index), "--batch-size", "4", "--resume", "--quiet"]) == 0
+    fresh = tmp_path / "fresh"
+    assert build(["build", "--format", "folder", "--images", str(photos), "--out", str(fresh)], tiny_model_spec) == 0
+    assert_same_index(index, fresh)
