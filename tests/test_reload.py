@@ -63,3 +63,87 @@ def test_queries_during_an_update_never_fail_and_then_see_the_new_index(tmp_path
     response = client.post("/api/reload")
     assert response.status_code == 409 and "kept the current index" in response.get_json()["error"]
     assert client.get("/api/search?q=red&k=3").status_code == 200
+
+
+def test_loopback_load_during_an_update_against_the_real_server(tmp_path, tiny_model_spec):
+    """Bounded load over loopback HTTP against `python -m web` while `indexer update` runs in another process."""
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    photos = write_images(tmp_path / "photos", PAIRS[:10])
+    index = tmp_path / "index"
+    assert indexer_main(["build", "--format", "folder", "--images", str(photos), "--out", str(index), "--model",
+                         tiny_model_spec, "--quiet"]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "web", "--index", str(index), "--port", str(port)], cwd=root,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    failures, answered, stop = [], [], threading.Event()
+
+    def user(n):
+        while not stop.is_set() and len(answered) < 3000:
+            for url in (f"/api/search?q=shape%20{n}%20{len(answered)}&k=5", "/api/search/similar?id=1&k=3"):
+                try:
+                    with urllib.request.urlopen(base + url, timeout=30) as response:
+                        answered.append(response.status)
+                except Exception as exc:  # any failed request fails the test
+                    failures.append((url, repr(exc)))
+
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(base + "/api/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        users = [threading.Thread(target=user, args=(n,)) for n in range(3)]
+        for thread in users:
+            thread.start()
+        for name, _, attrs in PAIRS[10:]:
+            draw(*attrs).save(photos / f"added_{name}")
+        update = subprocess.run([sys.executable, "-m", "indexer", "update", "--index", str(index), "--quiet"],
+                                cwd=root, capture_output=True, text=True, timeout=120)
+        assert update.returncode == 0, update.stderr
+        images = 0
+        for _ in range(60):
+            images = json.loads(urllib.request.urlopen(base + "/api/health", timeout=5).read())["images"]
+            if images == 16:
+                break
+            time.sleep(0.1)
+        stop.set()
+        for thread in users:
+            thread.join()
+    finally:
+        stop.set()
+        server.terminate()
+        server.wait(10)
+    assert failures == [] and len(answered) > 10 and images == 16
+
+
+def test_one_failing_request_does_not_take_the_server_down(tmp_path, tiny_model_spec):
+    photos = write_images(tmp_path / "photos", PAIRS[:4])
+    index = tmp_path / "index"
+    assert indexer_main(["build", "--format", "folder", "--images", str(photos), "--out", str(index), "--model",
+                         tiny_model_spec, "--quiet"]) == 0
+    app = create_app(index=str(index))
+    searcher = app.extensions["image_search"].searcher
+    real = searcher.search_vector
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("disk hiccup")
+        return real(*args, **kwargs)
+
+    searcher.search_vector = flaky
+    client = app.test_client()
+    failed = client.get("/api/search?q=red")
+    assert failed.status_code == 500 and failed.get_json() == {"error": "internal error"}
+    assert client.get("/api/search?q=red").status_code == 200
