@@ -20,7 +20,7 @@ from .finetune import STATE_DIR, FinetuneConfig, Trainer
 from .verify import info, verify
 
 from .pipeline import BuildConfig, Reuse, build_index
-from .readers import READERS, read_dataset
+from .readers import READERS, dataset_source, read_dataset
 from .writer import check_output_dir, partial_dir
 
 
@@ -35,9 +35,8 @@ def _build(args: argparse.Namespace) -> int:
     index = IndexOptions(args.index_type, parse_size(args.memory_budget), args.target_recall)
     config = BuildConfig(batch_size=args.batch_size, workers=args.workers, max_megapixels=args.max_megapixels,
                          index=index, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
-    source = {"format": args.format, "annotations": str(Path(args.annotations).resolve()) if args.annotations else None,
-              "images": str(Path(args.images).resolve()), "split": args.split,
-              "include_hidden": args.include_hidden}
+    source = dataset_source(args.format, args.annotations, args.images, args.split,
+                            include_hidden=args.include_hidden)
     report = build_index(samples, args.images, encoder, out, config, source)
     print(report.summary())
     return 0
@@ -97,8 +96,7 @@ def _finetune(args: argparse.Namespace) -> int:
                             weight_decay=args.weight_decay, lock_image=args.lock_image, lock_text=args.lock_text,
                             workers=args.workers, seed=args.seed, max_minutes=args.max_minutes,
                             progress=not args.quiet)
-    source = {"format": args.format, "annotations": str(Path(args.annotations).resolve()) if args.annotations else None,
-              "images": str(Path(args.images).resolve()), "split": args.split, "val_split": args.val_split}
+    source = dataset_source(args.format, args.annotations, args.images, args.split, val_split=args.val_split)
     trainer = Trainer(encoder, train, val, args.images, out, config, source, from_random)
     if args.resume:
         trainer.resume()

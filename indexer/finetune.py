@@ -29,6 +29,7 @@ from search.metrics import retrieval_metrics
 from search.openclip_encoder import OpenClipEncoder, save_local_dir
 
 from .readers import Sample
+from .writer import swap_into_place
 
 log = logging.getLogger(__name__)
 STATE_DIR = ".resume"
@@ -272,14 +273,7 @@ def _replace_folder(out: Path, write, keep: tuple[str, ...] = ()) -> None:
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     write(tmp)
-    if out.exists():
-        for name in keep:
-            if (out / name).exists():
-                (out / name).rename(tmp / name)
-        old = out.parent / f".{out.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
+    for name in keep:
+        if (out / name).exists():
+            (out / name).rename(tmp / name)
+    swap_into_place(tmp, out)

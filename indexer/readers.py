@@ -177,6 +177,12 @@ def read_csv(annotations: Path | None, images: Path, split: str | None) -> list[
     return _grouped(pairs)
 
 
+def dataset_source(fmt: str, annotations: Path | None, images: Path, split: str | None, **extra) -> dict:
+    """What a manifest or training run records about its data: enough for `indexer update` to read it again."""
+    return {"format": fmt, "annotations": str(Path(annotations).resolve()) if annotations else None,
+            "images": str(Path(images).resolve()), "split": split, **extra}
+
+
 READERS: dict[str, Callable[[Path | None, Path, str | None], list[Sample]]] = {
     "karpathy": read_karpathy, "flickr8k": read_flickr8k, "coco": read_coco, "folder": read_folder, "csv": read_csv,
 }

@@ -42,6 +42,18 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         raise IndexExistsError(f"{out} is a non-empty directory that is not an index; refusing to replace it")
 
 
+def swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished directory `tmp` to `out`, replacing what was there: `out` is never missing for more than
+    the instant between two renames, and never half written."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        out.rename(old / out.name)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 PROGRESS = "progress.json"
 RAW_VECTORS = {"images": "image_vectors.f32", "captions": "caption_vectors.f32"}
 
@@ -165,12 +177,6 @@ class IndexWriter:
         for name in (*RAW_VECTORS.values(), PROGRESS):
             (self.tmp / name).unlink(missing_ok=True)
         manifest.write(self.tmp)
-        old = None
-        if self.out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
-            self.out.rename(old / "index")
-        self.tmp.rename(self.out)
+        swap_into_place(self.tmp, self.out)
         self.committed = True
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
         return manifest

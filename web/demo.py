@@ -12,7 +12,7 @@ from pathlib import Path
 from indexer.cli import load_for_training
 from indexer.finetune import RUN_FILE, STATE_DIR, FinetuneConfig, Trainer
 from indexer.pipeline import BuildConfig, build_index
-from indexer.readers import read_dataset
+from indexer.readers import dataset_source, read_dataset
 from indexer.scenes import IMAGE_DIR, generate
 from search.cli import evaluate, format_metrics
 from search.encoders import EncoderSpec, create_encoder
@@ -66,8 +66,7 @@ def _model(folder: Path, token: Path, images: Path, config: DemoConfig) -> Path:
     encoder, _ = load_for_training(str(config.model_config), "none", folder, None, config.seed)
     finetune = FinetuneConfig(epochs=config.epochs, batch_size=config.batch_size, workers=1, seed=config.seed,
                               max_minutes=config.max_minutes, progress=config.progress)
-    source = {"format": "flickr8k", "annotations": str(token.resolve()), "images": str(images.resolve()),
-              "split": "train", "val_split": "val"}
+    source = dataset_source("flickr8k", token, images, "train", val_split="val")
     trainer = Trainer(encoder, train, val, images, folder, finetune, source, from_random=True)
     if (folder / STATE_DIR / "state.pt").is_file():
         trainer.resume()
@@ -91,8 +90,7 @@ def prepare_demo(root: Path, config: DemoConfig = DemoConfig()) -> Path:
         encoder = create_encoder(EncoderSpec.from_args(f"local-dir:{model}", None))
         samples = read_dataset("flickr8k", token, images, "test")
         report = build_index(samples, images, encoder, index, BuildConfig(progress=config.progress),
-                             {"format": "flickr8k", "annotations": str(token.resolve()),
-                              "images": str(images.resolve()), "split": "test"})
+                             dataset_source("flickr8k", token, images, "test"))
         log.info("%s", report.summary())
     metrics = evaluate(open_index(index))
     (root / "recall.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
