@@ -105,6 +105,8 @@ class Searcher:
         if offset < 0 or offset + k > self.config.max_k * 10:
             raise QueryError(f"offset must be between 0 and {self.config.max_k * 10 - k}")
         index = self.index  # one snapshot for the whole query: `reopen` may swap in a new version meanwhile
+        if target == "captions" and index.manifest.n_captions == 0:
+            raise QueryError("this index has no captions (it was built from images alone); search images instead")
         vector_index = index.images if target == "images" else index.captions
         scores, ids = vector_index.search(vector[None], offset + k)
         scores, ids = scores[0, offset:], ids[0, offset:]

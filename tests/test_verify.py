@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 import sqlite3
 
@@ -30,7 +31,11 @@ def test_info(index_dir, capsys):
     assert details["indexes"]["images"]["factory"] == "Flat" and details["disk_bytes"] > 0
     assert indexer_main(["info", "--index", str(index_dir)]) == 0
     out = capsys.readouterr().out
-    assert "images index: Flat" in out and "model: local-dir:" in out
+    lines = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in out.splitlines())  # "label   value"
+    assert lines["images"] == "20" and lines["captions"] == "60"
+    assert lines["image index"] == "Flat (exact)" and lines["model"].startswith("local-dir:")
+    assert "{" not in out and "'" not in out  # readable text, not Python reprs of dicts
+    assert lines["source"].startswith("karpathy: annotations ")
 
 
 def test_a_sound_index_passes(index_dir, capsys):

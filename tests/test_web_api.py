@@ -72,7 +72,7 @@ def test_image_metadata_thumbnail_and_original(client, index_dir):
     assert thumb.status_code == 200 and thumb.mimetype == "image/jpeg" and thumb.headers["ETag"]
     assert "max-age" in thumb.headers["Cache-Control"]
     assert Image.open(io.BytesIO(thumb.data)).format == "JPEG"
-    assert len(list((index_dir / ".thumbnails").glob("*.jpg"))) >= 1  # cached on disk
+    assert len(list((index_dir.parent / f".{index_dir.name}.thumbnails").glob("*.jpg"))) >= 1  # cached on disk
     again = client.get("/thumb/2", headers={"If-None-Match": thumb.headers["ETag"]})
     assert again.status_code == 304
     original = client.get("/image/2")

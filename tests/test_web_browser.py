@@ -1,6 +1,5 @@
 """End to end in a real headless Chromium against `python -m web` served on localhost."""
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -10,13 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from .browser import CHROMIUM, launch_browser, wait_until
 from .helpers import build_test_index, make_pairs
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-quic", "--no-first-run", "--disable-sync"]
 PAIRS = make_pairs(30, seed=7)
 
 
@@ -53,15 +50,12 @@ def server(tmp_path_factory, tiny_model_spec):
 
 @pytest.fixture(scope="module")
 def browser():
-    playwright_api = pytest.importorskip("playwright.sync_api")
-    with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
+    with launch_browser() as launched:
+        yield launched
 
 
 def _all_images_loaded(page, selector: str) -> list[int]:
-    page.wait_for_function(
+    wait_until(page, 
         f"[...document.querySelectorAll('{selector}')].every(i => i.complete) "
         f"&& document.querySelectorAll('{selector}').length > 0")
     return page.eval_on_selector_all(selector, "imgs => imgs.map(i => i.naturalWidth)")
@@ -84,24 +78,24 @@ def test_search_open_more_like_this_upload_and_screenshot(server, browser, tmp_p
 
     # load more: the collection has 30 images, so the second page holds 6
     page.click("#more")
-    page.wait_for_function("document.querySelectorAll('#results .card').length === 30")
+    wait_until(page, "document.querySelectorAll('#results .card').length === 30")
     assert page.is_hidden("#more")
 
     # open a result: large image, its captions, then "more like this"
     first_id = page.get_attribute("#results .card >> nth=0", "data-id")
     page.click("#results .card >> nth=0")
     page.wait_for_selector("#viewer[open]")
-    page.wait_for_function("document.getElementById('viewer-image').naturalWidth > 0")
+    wait_until(page, "document.getElementById('viewer-image').naturalWidth > 0")
     assert page.locator("#viewer-captions li").count() == 3
     page.click("#viewer-similar")
-    page.wait_for_function("document.getElementById('status').textContent.includes('images like')")
+    wait_until(page, "document.getElementById('status').textContent.includes('images like')")
     page.wait_for_selector("#results .card")
     assert page.get_attribute("#results .card >> nth=0", "data-id") == first_id  # an image is most like itself
 
     # image query by file picker: the same photo comes back first
     photo = root / "images" / PAIRS[3][0]
     page.set_input_files("#file", str(photo))
-    page.wait_for_function(f"document.getElementById('status').textContent.includes('{PAIRS[3][0]}')")
+    wait_until(page, f"document.getElementById('status').textContent.includes('{PAIRS[3][0]}')")
     assert page.text_content("#results .card >> nth=0").endswith(PAIRS[3][1][0])
 
     # image → text: captions that describe it
@@ -183,6 +177,32 @@ def test_image_query_by_drag_and_drop_and_paste(server, browser, event):
         target.dispatchEvent(event === 'drop' ? new DragEvent('drop', {...init, dataTransfer: data})
                                               : new ClipboardEvent('paste', {...init, clipboardData: data}));
     }""", event)
-    page.wait_for_function("document.getElementById('status').textContent.includes('dropped.png')")
+    wait_until(page, "document.getElementById('status').textContent.includes('dropped.png')")
     assert page.get_attribute("#results .card >> nth=0", "data-id") == "3"
+    page.close()
+
+
+def test_query_image_shown_target_switch_reruns_and_new_search_scrolls_up(server, browser):
+    url, root = server
+    page = browser.new_page(viewport={"width": 1200, "height": 500})
+    page.goto(url)
+    page.set_input_files("#file", str(root / "images" / PAIRS[4][0]))
+    wait_until(page, "(name) => document.getElementById('status').textContent.includes(name)", PAIRS[4][0])
+    assert page.is_visible("#query-preview") and PAIRS[4][0] in page.text_content("#query-preview")
+    wait_until(page, "document.getElementById('query-image').naturalWidth > 0")  # the query image itself
+    assert page.locator("#results .caption-hit").count() == 0
+
+    page.check("input[name=target][value=captions]")  # no new upload: the image on screen is searched again
+    page.wait_for_selector("#results.captions .caption-hit")
+    assert PAIRS[4][0] in page.text_content("#status") and page.is_visible("#query-preview")
+    page.check("input[name=target][value=images]")
+    page.wait_for_selector("#results:not(.captions) .card")
+    assert page.get_attribute("#results .card >> nth=0", "data-id") == "4"
+
+    page.mouse.wheel(0, 3000)
+    wait_until(page, "window.scrollY > 0")
+    page.fill("#q", "a blue square")
+    page.press("#q", "Enter")
+    wait_until(page, "document.getElementById('status').textContent.includes('blue square')")
+    assert page.evaluate("window.scrollY") == 0 and page.is_hidden("#query-preview")
     page.close()

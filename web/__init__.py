@@ -33,7 +33,11 @@ class Engine:
 
     @property
     def images_root(self) -> Path:
-        return Path(self.config.images or self.searcher.index.manifest.source.get("images") or ".")
+        """Absolute: the configured root (resolved at start-up) or the one the manifest records (stored absolute)."""
+        root = self.config.images or self.searcher.index.manifest.source.get("images")
+        if root is None:
+            raise FileNotFoundError("the index records no image folder; start the server with --images DIR")
+        return Path(root).resolve()
 
     def reload_if_changed(self, force: bool = False) -> bool:
         """Switch to a new version of the index on disk (after `indexer update` or a rebuild). Checked at most once a
@@ -69,6 +73,7 @@ def create_app(config: WebConfig | dict | None = None, **settings) -> Flask:
         config = WebConfig.from_mapping({**(config or {}), **settings})
     if config.index is None:
         raise IndexFormatError("no index given (WebConfig.index)")
+    config = config.resolved()
     search_config = SearchConfig(max_query_chars=config.max_query_chars, max_k=config.max_k,
                                  max_megapixels=config.max_megapixels, text_cache_size=config.text_cache_size)
     searcher = Searcher.open(config.index, config.model, config.pretrained, config.device, search_config,
@@ -85,6 +90,7 @@ def create_app(config: WebConfig | dict | None = None, **settings) -> Flask:
     def follow_updates() -> None:  # must return None: anything else would become the response
         engine().reload_if_changed()
 
+    app.after_request(_security_headers)
 
     from .api import api
     from .pages import pages
@@ -93,6 +99,19 @@ def create_app(config: WebConfig | dict | None = None, **settings) -> Flask:
     app.register_blueprint(pages)
     _register_error_handlers(app)
     return app
+
+
+# No inline script or style anywhere: the page loads app.js and style.css; query previews are blob: URLs.
+CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' data: blob:; script-src 'self'; style-src 'self'; "
+                           "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
+
+def _security_headers(response):
+    response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("X-Frame-Options", "DENY")  # frame-ancestors for browsers without CSP 2
+    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    return response
 
 
 def _status_of(error: Exception) -> int:

@@ -8,10 +8,12 @@ GET  /api/health
 """
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import time
 
 from flask import Blueprint, jsonify, request, url_for
-from werkzeug.exceptions import BadRequest, NotFound
+from werkzeug.exceptions import BadRequest, Forbidden, NotFound, Unauthorized
 
 from search.cli import hit_to_json
 from search.errors import EngineError
@@ -95,9 +97,31 @@ def image_info(image_id: int):
                    url=url_for("pages.original", image_id=image_id))
 
 
+def _is_loopback(address: str | None) -> bool:
+    try:
+        return address is not None and ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def _require_admin() -> None:
+    """With an admin token configured, the request must carry it (`Authorization: Bearer TOKEN`); without one, only
+    clients on this machine may call admin endpoints."""
+    token = engine().config.admin_token
+    if token is None:
+        if not _is_loopback(request.remote_addr):
+            raise Forbidden("admin endpoints answer only on loopback unless the server has an admin token "
+                            "(--admin-token or IMAGE_SEARCH_ADMIN_TOKEN)")
+        return
+    given = request.headers.get("Authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        raise Unauthorized("missing or wrong admin token (send Authorization: Bearer TOKEN)")
+
+
 @api.post("/reload")
 def reload():
-    """Switch to the index version now on disk; 409 with the reason when it cannot be used."""
+    """Switch to the index version now on disk; 409 with the reason when it cannot be used. Admin only."""
+    _require_admin()
     try:
         switched = engine().reload_if_changed(force=True)
     except EngineError as exc:

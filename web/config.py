@@ -1,10 +1,15 @@
 """Typed configuration of the web app."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from search.images import DEFAULT_MAX_MEGAPIXELS
+
+
+PATH_FIELDS = ("index", "images", "thumbnail_dir")
+ADMIN_TOKEN_ENV = "IMAGE_SEARCH_ADMIN_TOKEN"
 
 
 @dataclass(frozen=True)
@@ -22,6 +27,16 @@ class WebConfig:
     thumbnail_size: int = 256
     thumbnail_dir: Path | None = None  # default: INDEX/.thumbnails, or a temporary folder if the index is read-only
     text_cache_size: int = 256
+    # required by POST /api/reload when set; without one, only loopback clients may reload
+    admin_token: str | None = None
+
+    def resolved(self) -> "WebConfig":
+        """The same settings with every path made absolute against the current directory, once, at start-up: Flask
+        resolves relative paths against the package folder, and a server's working directory may change."""
+        paths = {name: Path(getattr(self, name)).expanduser().resolve()
+                 for name in PATH_FIELDS if getattr(self, name) is not None}
+        token = self.admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None
+        return replace(self, admin_token=token, **paths)
 
     @classmethod
     def from_mapping(cls, values: dict) -> "WebConfig":
@@ -30,5 +45,5 @@ class WebConfig:
         unknown = set(values) - known
         if unknown:
             raise TypeError(f"unknown WebConfig settings: {', '.join(sorted(unknown))}")
-        paths = {k: Path(v) for k, v in values.items() if k in ("index", "images", "thumbnail_dir") and v is not None}
+        paths = {k: Path(v) for k, v in values.items() if k in PATH_FIELDS and v is not None}
         return replace(cls(), **{**values, **paths})

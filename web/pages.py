@@ -1,6 +1,9 @@
 """HTML page and image files: `/`, `/thumb/ID` (cached JPEG) and `/image/ID` (the original), served by catalog id."""
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 from flask import Blueprint, abort, render_template, send_file
 
 from search.errors import ImageReadError
@@ -11,6 +14,8 @@ pages = Blueprint("pages", __name__, template_folder="templates", static_folder=
                   static_url_path="/static")
 
 CACHE_SECONDS = 24 * 3600
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).resolve().parent / "static"
 
 
 def _record(image_id: int):
@@ -20,6 +25,8 @@ def _record(image_id: int):
     try:
         return record, engine().image_file(record)
     except FileNotFoundError:
+        # a moved image root or a deleted file: say which, or a grid of broken pictures is all anyone sees
+        log.warning("image %d: %s not found under %s", image_id, record.path, _root_or_reason())
         abort(404)
 
 
@@ -33,11 +40,27 @@ def home():
 @pages.get("/thumb/<int:image_id>")
 def thumbnail(image_id: int):
     record, path = _record(image_id)
+    key = record.sha1 or f"id{image_id}"
     try:
-        thumb = engine().thumbnails.get(record.sha1 or f"id{image_id}", path)
-    except ImageReadError:
+        thumb = engine().thumbnails.get(key, path)
+    except ImageReadError as exc:
+        log.warning("thumbnail of image %d: %s", image_id, exc)
         abort(404)
-    return send_file(thumb, mimetype="image/jpeg", conditional=True, etag=True, max_age=CACHE_SECONDS)
+    etag = True if not hasattr(thumb, "read") else key  # bytes in memory: the content hash is the ETag
+    return send_file(thumb, mimetype="image/jpeg", conditional=True, etag=etag, max_age=CACHE_SECONDS)
+
+
+def _root_or_reason() -> str:
+    try:
+        return str(engine().images_root)
+    except FileNotFoundError as exc:
+        return str(exc)
+
+
+@pages.get("/favicon.ico")
+def favicon():
+    """Browsers ask for /favicon.ico whatever the page links: answer with the page's icon, not a logged 404."""
+    return send_file(STATIC / "favicon.svg", mimetype="image/svg+xml", max_age=CACHE_SECONDS)
 
 
 @pages.get("/image/<int:image_id>")

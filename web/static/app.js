@@ -29,8 +29,25 @@ function request(query) {
   return fetch("/api/search/image", {method: "POST", body: form});
 }
 
+// The query image stays visible above its results; text queries hide it.
+function showQueryImage(query) {
+  const preview = $("query-preview"), image = $("query-image");
+  if (query.kind !== "image") { preview.hidden = true; return; }
+  if (image.dataset.file !== query.label || !image.src) {
+    if (image.src.startsWith("blob:")) URL.revokeObjectURL(image.src);
+    image.src = URL.createObjectURL(query.file);
+    image.dataset.file = query.label;
+  }
+  $("query-name").textContent = query.label;
+  preview.hidden = false;
+}
+
 async function run(query, append = false) {
   current = query;
+  if (!append) {
+    showQueryImage(query);
+    window.scrollTo({top: 0});
+  }
   moreButton.hidden = true;
   setStatus(append ? "Loading more…" : "Searching…");
   results.setAttribute("aria-busy", "true");
@@ -126,6 +143,10 @@ $("text-form").addEventListener("submit", (event) => {
 });
 moreButton.addEventListener("click", () => run({...current, offset: results.children.length}, true));
 $("file").addEventListener("change", (event) => searchImage(event.target.files[0]));
+// Switching between "similar images" and "captions that describe it" re-runs the image query on screen.
+document.querySelectorAll("input[name=target]").forEach((radio) => radio.addEventListener("change", () => {
+  if (current && current.kind === "image") run({...current, target: radio.value, offset: 0});
+}));
 
 const dropZone = $("drop-zone");
 dropZone.addEventListener("dragover", (event) => { event.preventDefault(); dropZone.classList.add("dragging"); });
