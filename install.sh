@@ -4,6 +4,9 @@ set -euo pipefail
 cd "$(dirname "$0")"
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 python -m pip install -q -r requirements.txt
+python -m pip install -q --no-deps -e .  # the console scripts retrieval-index, -search, -web (pins: above)
+# test oracle for `search eval`; --no-deps: its metrics need only torch, its other requirements are heavy
+python -m pip install -q --no-deps clip-benchmark==1.6.2
 
 if command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ]; then
   echo "chromium: $(chromium --version 2>/dev/null || echo present)"

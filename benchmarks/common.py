@@ -26,6 +26,20 @@ def machine() -> str:
             f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
 
 
+def encoding_parser(doc: str, n: int, demo_dir: Path | None, demo_help: str):
+    """The arguments every encoding benchmark takes: model, number of photos, batch size, repeats, trained demo."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--pretrained", default="none")
+    parser.add_argument("--n", type=int, default=n, help="photos per run")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--demo-dir", type=Path, default=demo_dir, help=demo_help)
+    return parser
+
+
 def percentiles(seconds: list[float]) -> tuple[float, float]:
     """(p50, p99) in milliseconds."""
     return float(np.percentile(seconds, 50) * 1000), float(np.percentile(seconds, 99) * 1000)

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from indexer.cli import load_for_training  # noqa: E402
+from indexer.finetune import load_for_training  # noqa: E402
 from indexer.finetune import FinetuneConfig, Trainer, validate  # noqa: E402
 from indexer.readers import read_dataset  # noqa: E402
 from indexer.scenes import IMAGE_DIR, generate  # noqa: E402

@@ -5,12 +5,11 @@
 
 Model-only: `encode_pixels` on tensors preprocessed in advance. Plain loop: open, convert, open_clip preprocess,
 stack, encode, batch after batch (what a user writes first). Pipeline: `indexer build`'s code (threads decode and
-preprocess ahead of the model, JPEG draft decoding) writing a real index. Medians over --repeats runs; cosine is the
+preprocess ahead of the model; exact decoding, see fast_decode.py for --fast-decode) writing a real index. Medians over --repeats runs; cosine is the
 mean cosine similarity of each precision's embeddings to the plain fp32 loop's.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import statistics
 import tempfile
@@ -20,11 +19,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from common import machine, photo_like_images
+from common import encoding_parser, machine, photo_like_images
 
 from indexer.pipeline import BuildConfig, build_index
 from indexer.readers import Sample, read_dataset
-from search.cli import evaluate
+from search.evaluation import evaluate
 from search.encoders import EncoderSpec, create_encoder
 from search.openclip_encoder import save_local_dir
 from search.store import open_index
@@ -45,14 +44,8 @@ def pipeline(encoder, root: Path, samples, batch_size, work: Path):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="ViT-B-32")
-    parser.add_argument("--pretrained", default="none")
-    parser.add_argument("--n", type=int, default=192, help="images per run")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = encoding_parser(__doc__, 192, None, "trained demo: recall@k per precision")
     parser.add_argument("--precisions", default="fp32,int8,bf16")
-    parser.add_argument("--demo-dir", type=Path, default=None, help="trained demo: recall@k per precision")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
 

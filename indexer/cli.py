@@ -2,28 +2,49 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from search.cli_common import add_model_args, run_cli
+from search.cli_common import CliParser, add_model_args, run_cli
 from search.encoders import DEFAULT_MODEL, EncoderSpec, create_encoder
 from search.errors import IndexExistsError
 from search.images import DEFAULT_MAX_MEGAPIXELS
 from search.index_choice import DEFAULT_TARGET_RECALL, IndexOptions, parse_size
-from search.openclip_encoder import init_local_dir
 from search.store import open_index
 
-from .finetune import STATE_DIR, FinetuneConfig, Trainer
+# search.openclip_encoder and .finetune import torch (seconds): imported where used, so that --help and bad
+# arguments answer at once
 from .verify import info, verify
 
 from .pipeline import BuildConfig, Reuse, build_index
 from .readers import READERS, dataset_source, read_dataset
-from .writer import check_output_dir, partial_dir
+from .writer import check_output_dir, partial_dir, swap_into_place
+from .lock import WriterLock
+from .model_folder import training_folder
 
 
+def _one_writer(target: str, lock_if=lambda path: True):
+    """Run the command holding the writer lock on `args.<target>`, taken before any check, dataset read or model
+    load: a second writer is refused at once by name, not by a side effect of the first ("already exists", "nothing
+    to resume"). The IndexWriter inside takes the same lock again (re-entrant in one thread). `lock_if(path)` false:
+    no early lock, so bad input leaves no folder or lock file behind (only where the IndexWriter's own lock, taken
+    before it creates anything, is enough)."""
+    def wrap(command):
+        @functools.wraps(command)
+        def run(args: argparse.Namespace) -> int:
+            path = Path(getattr(args, target))
+            if not lock_if(path):
+                return command(args)
+            with WriterLock(path):
+                return command(args)
+        return run
+    return wrap
+
+
+@_one_writer("out", lock_if=lambda out: out.parent.is_dir())  # else no other writer can be at work yet
 def _build(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_output_dir(out, args.overwrite)  # fail before loading a model or reading a dataset
@@ -34,7 +55,8 @@ def _build(args: argparse.Namespace) -> int:
                              batch_size=args.batch_size, precision=args.precision)
     index = IndexOptions(args.index_type, parse_size(args.memory_budget), args.target_recall)
     config = BuildConfig(batch_size=args.batch_size, workers=args.workers, max_megapixels=args.max_megapixels,
-                         index=index, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
+                         index=index, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet,
+                         fast_decode=args.fast_decode)
     source = dataset_source(args.format, args.annotations, args.images, args.split,
                             include_hidden=args.include_hidden)
     report = build_index(samples, args.images, encoder, out, config, source)
@@ -42,6 +64,7 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+@_one_writer("index", lock_if=Path.exists)  # a missing index: open_index says so
 def _update(args: argparse.Namespace) -> int:
     previous = open_index(args.index)
     manifest = previous.manifest
@@ -54,53 +77,33 @@ def _update(args: argparse.Namespace) -> int:
     previous.check_encoder(encoder)
     config = BuildConfig(batch_size=args.batch_size, workers=args.workers, max_megapixels=args.max_megapixels,
                          index=IndexOptions(target_recall=args.target_recall), overwrite=True,
-                         resume=args.resume, progress=not args.quiet)
+                         resume=args.resume, progress=not args.quiet, fast_decode=manifest.fast_decode)
     report = build_index(samples, images, encoder, args.index, config, {**source, "images": str(images.resolve())},
                          Reuse(previous))
     print(report.summary())
     return 0
 
 
-def _check_model_out(out: Path, resume: bool, overwrite: bool) -> None:
-    if resume or not out.exists() or not any(out.iterdir()):
-        return
-    is_model = (out / "open_clip_config.json").is_file() or (out / STATE_DIR).is_dir()
-    if not overwrite:
-        raise IndexExistsError(f"{out} already exists; pass --resume to continue its run or --overwrite to replace it")
-    if not is_model:
-        raise IndexExistsError(f"{out} is a non-empty directory that is not a model folder; refusing to replace it")
-    shutil.rmtree(out)
-
-
-def load_for_training(model: str, pretrained: str | None, out: Path, device: str | None, seed: int):
-    """The encoder to start from and whether its weights are random. `model` may be an open_clip model config JSON
-    file: a custom architecture, randomly initialised (kept in the run's state folder so --resume finds it)."""
-    if model.endswith(".json") and Path(model).is_file():
-        config = json.loads(Path(model).read_text(encoding="utf-8"))
-        folder = out / STATE_DIR / "init"
-        if not (folder / "open_clip_config.json").is_file():
-            init_local_dir(config.get("model_cfg", config), folder, seed)
-        model, pretrained = f"local-dir:{folder}", None
-        return create_encoder(EncoderSpec.from_args(model, pretrained), device=device), True
-    spec = EncoderSpec.from_args(model, pretrained)
-    return create_encoder(spec, device=device), spec.pretrained == "none"
-
-
+@_one_writer("out")
 def _finetune(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    _check_model_out(out, args.resume, args.overwrite)
+    work = training_folder(out, args.resume, args.overwrite)  # --out and the dataset are checked before torch loads
     train = read_dataset(args.format, args.annotations, args.images, args.split)
     val = read_dataset(args.format, args.annotations, args.images, args.val_split) if args.val_split else None
-    encoder, from_random = load_for_training(args.model or DEFAULT_MODEL, args.pretrained, out, args.device, args.seed)
+    from .finetune import FinetuneConfig, Trainer, load_for_training
+
+    encoder, from_random = load_for_training(args.model or DEFAULT_MODEL, args.pretrained, work, args.device, args.seed)
     config = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, accum_steps=args.accum_steps, lr=args.lr,
                             weight_decay=args.weight_decay, lock_image=args.lock_image, lock_text=args.lock_text,
-                            workers=args.workers, seed=args.seed, max_minutes=args.max_minutes,
+                            workers=args.workers, seed=args.seed, max_steps=args.max_steps,
                             progress=not args.quiet)
     source = dataset_source(args.format, args.annotations, args.images, args.split, val_split=args.val_split)
-    trainer = Trainer(encoder, train, val, args.images, out, config, source, from_random)
+    trainer = Trainer(encoder, train, val, args.images, work, config, source, from_random)
     if args.resume:
         trainer.resume()
     run = trainer.fit()
+    if work != out:
+        swap_into_place(work, out)  # the old model stayed in place until now
     best = next((r for r in run["history"] if r["epoch"] == run["best_epoch"]), None)
     summary = f"model saved to {out} (best epoch {run['best_epoch']} of {len(run['history'])})"
     if best and "val" in best:
@@ -110,18 +113,48 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(n_bytes: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n_bytes < 1024 or unit == "GB":
+            return f"{n_bytes:.0f} {unit}" if unit == "bytes" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1024
+    return ""
+
+
+def _index_line(entry: dict) -> str:
+    """'IVF1024,Flat: nprobe 10, recall@10 0.991 against exact search, 12.3 MB' from a manifest's index report."""
+    parts = [", ".join(f"{k} {v}" for k, v in (entry.get("params") or {}).items())]
+    if entry.get("recall_at_10") is not None and entry.get("params"):
+        parts.append(f"recall@10 {entry['recall_at_10']:.3f} against exact search")
+    if entry.get("bytes"):
+        parts.append(_size(entry["bytes"]))
+    factory = entry.get("factory")
+    details = "; ".join(p for p in parts if p)
+    return f"{factory}{' (exact)' if factory == 'Flat' else ''}{': ' + details if details else ''}"
+
+
+def format_info(details: dict) -> str:
+    """`indexer info` as text a person reads: one labelled line per fact, sizes and counts formatted."""
+    source = details.get("source") or {}
+    where = ", ".join(f"{k} {v}" for k, v in source.items() if k != "format" and v not in (None, False, ""))
+    rows = [("index", details["path"]),
+            ("model", f"{details['model']}, weights {details['fingerprint']}, vectors encoded in "
+                      f"{details['precision']}"),
+            ("vectors", f"{details['dim']}-d, {'inner product (cosine)' if details['metric'] == 'ip' else details['metric']}"),
+            ("images", f"{details['images']:,}" + (f" ({details['skipped']} files skipped at build; see manifest.json)"
+                                                    if details["skipped"] else "")),
+            ("captions", f"{details['captions']:,}")]
+    rows += [(f"{kind.rstrip('s')} index", _index_line(entry)) for kind, entry in details["indexes"].items()]
+    rows += [("source", f"{source.get('format', '?')}{': ' + where if where else ''}"),
+             ("created", details["created"] or "unknown"), ("size on disk", _size(details["disk_bytes"])),
+             ("format", f"version {details['format_version']}")]
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+
 def _info(args: argparse.Namespace) -> int:
     details = info(args.index)
-    if args.json:
-        print(json.dumps(details, indent=2, ensure_ascii=False))
-        return 0
-    for key, value in details.items():
-        if key == "indexes":
-            for kind, entry in value.items():
-                extra = ", ".join(f"{k} {v}" for k, v in entry.items() if k != "factory" and v not in (None, {}))
-                print(f"{kind + ' index':>16}: {entry.get('factory')}{' (' + extra + ')' if extra else ''}")
-        else:
-            print(f"{key:>16}: {value}")
+    print(json.dumps(details, indent=2, ensure_ascii=False) if args.json else format_info(details))
     return 0
 
 
@@ -136,7 +169,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m indexer", description="Build image-text search indexes.")
+    parser = CliParser(prog="python -m indexer", description="Build image-text search indexes.")
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="encode a dataset or photo folder into a new index directory")
     build.add_argument("--format", required=True, choices=sorted(READERS), help="dataset format")
@@ -159,6 +192,9 @@ def make_parser() -> argparse.ArgumentParser:
                             f"(default: {DEFAULT_TARGET_RECALL})")
     build.add_argument("--resume", action="store_true",
                        help="continue an interrupted build (same arguments) from its last completed batch")
+    build.add_argument("--fast-decode", action="store_true",
+                       help="decode JPEGs at reduced scale (never below the model's input): faster, vectors slightly "
+                            "off open_clip's exact preprocessing; recorded in the manifest for update")
     build.add_argument("--include-hidden", action="store_true",
                        help="folder format: also index hidden files and folders (names starting with a dot)")
     build.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
@@ -211,9 +247,12 @@ def make_parser() -> argparse.ArgumentParser:
     tune.add_argument("--lock-text", action="store_true", help="freeze the text tower")
     tune.add_argument("--workers", type=int, default=1, help="data loading processes (default: 1)")
     tune.add_argument("--seed", type=int, default=0)
-    tune.add_argument("--max-minutes", type=float, default=None, help="stop after this much training time")
+    tune.add_argument("--max-steps", type=int, default=None,
+                      help="stop after this many optimisation steps in all; the learning-rate schedule ends there "
+                           "(default: every step of --epochs)")
     tune.add_argument("--resume", action="store_true", help="continue the run in --out after its last epoch")
-    tune.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
+    tune.add_argument("--overwrite", action="store_true",
+                      help="replace an existing model folder (kept until the new model is complete)")
     tune.add_argument("--quiet", action="store_true", help="no progress bars")
     tune.set_defaults(func=_finetune)
     return parser

@@ -5,6 +5,9 @@ decay, open_clip's training transform, optional locked towers, gradient accumula
 accumulated batch has the negatives of the full batch, as in open_clip's accum_freq), autocast on GPU. After each
 epoch: mean loss and validation recall@k computed by search.metrics (the code `search eval` uses); the best epoch is
 written as an open_clip local-dir folder. A resumable state is kept after every epoch.
+
+The budget is a number of optimisation steps (all of --epochs, or --max-steps), never wall-clock time: every machine
+trains the same model, up to float rounding.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import logging
 import math
 import random
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,14 +30,14 @@ from tqdm import tqdm
 from search.errors import DatasetError, EngineError, ImageReadError
 from search.images import load_image
 from search.metrics import retrieval_metrics
-from search.openclip_encoder import OpenClipEncoder, save_local_dir
+from search.encoders import EncoderSpec, create_encoder
+from search.openclip_encoder import OpenClipEncoder, init_local_dir, save_local_dir
 
+from .model_folder import OWN_INIT, RUN_FILE, STATE_DIR, work_dir  # noqa: F401 (re-exported)
 from .readers import Sample
 from .writer import swap_into_place
 
 log = logging.getLogger(__name__)
-STATE_DIR = ".resume"
-RUN_FILE = "training.json"
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,7 @@ class FinetuneConfig:
     workers: int = 1
     seed: int = 0
     max_val_images: int = 1000
-    max_minutes: float | None = None  # stop early (and still validate and save) when over budget
+    max_steps: int | None = None  # stop after this many optimisation steps in all; the LR schedule ends there
     progress: bool = True
 
 
@@ -120,7 +124,9 @@ def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.
 
 class Trainer:
     def __init__(self, encoder: OpenClipEncoder, train: Sequence[Sample], val: Sequence[Sample] | None,
-                 images_root: Path, out: Path, config: FinetuneConfig, source: dict, from_random: bool):
+                 images_root: Path, out: Path, config: FinetuneConfig, source: dict, from_random: bool,
+                 recipe: dict | None = None):
+        """`recipe`: anything the caller wants recorded with the run in training.json (the demo's recipe)."""
         self.encoder, self.config, self.out, self.root = encoder, config, Path(out), Path(images_root)
         self.train_samples = _captioned(train, images_root, "training")
         self.val_samples = _captioned(val, images_root, "validation")[:config.max_val_images] if val else None
@@ -136,15 +142,21 @@ class Trainer:
         self.lr = config.lr or (5e-4 if from_random else 1e-5)
         self.dataset = PairDataset(self.train_samples, images_root, encoder, config.seed)
         self.steps_per_epoch = len(self.train_samples) // config.batch_size
+        if config.max_steps is not None and config.max_steps < 1:
+            raise EngineError("--max-steps must be at least 1")
+        self.total_steps = min(self.steps_per_epoch * config.epochs, config.max_steps or math.inf)
         self.optimizer = _optimizer(encoder.model, self.lr, config.weight_decay)
-        total = self.steps_per_epoch * config.epochs
-        self.scheduler = _schedule(self.optimizer, total, max(1, int(total * config.warmup)))
+        self.scheduler = _schedule(self.optimizer, self.total_steps, max(1, int(self.total_steps * config.warmup)))
         cuda = encoder.device.type == "cuda"
         self.autocast_dtype = (torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
         self.loss_fn = encoder.contrastive_loss()
-        self.run = {"base_model": encoder.spec.to_dict(), "from_random": from_random, "source": source,
-                    "config": {**asdict(config), "lr": self.lr}, "history": [], "best_epoch": None}
+        base = encoder.spec.to_dict()
+        if base["model"] == f"local-dir:{(self.out / STATE_DIR / 'init').resolve()}":
+            base["model"] = OWN_INIT  # not an absolute path: the folder may be swapped into place elsewhere
+        self.run = {"base_model": base, "from_random": from_random, "source": source,
+                    "config": {**asdict(config), "lr": self.lr}, "planned_steps": self.total_steps, "steps": 0,
+                    "history": [], "best_epoch": None, **({"recipe": recipe} if recipe is not None else {})}
         self.best_score = -1.0
         self.first_epoch = 1
 
@@ -191,38 +203,47 @@ class Trainer:
     # -- epochs, checkpoints ----------------------------------------------------------------------------------------
 
     def fit(self) -> dict:
+        """Train until `total_steps` optimisation steps are done in all (a resumed run counts its earlier ones);
+        validate and checkpoint after every epoch, and after the last, possibly partial, one."""
         started = time.perf_counter()
-        budget = self.config.max_minutes * 60 if self.config.max_minutes else math.inf
-        for epoch in range(self.first_epoch, self.config.epochs + 1):
-            self.dataset.epoch = epoch
-            torch.manual_seed(self.config.seed * 1000 + epoch)  # augmentation depends on (seed, epoch) only: resumable
-            loader = DataLoader(self.dataset, batch_size=self.config.batch_size, shuffle=True, drop_last=True,
-                                num_workers=self.config.workers, collate_fn=self.dataset.collate,
-                                generator=torch.Generator().manual_seed(self.config.seed * 1000 + epoch),
-                                worker_init_fn=lambda _: torch.set_num_threads(1))
-            self.encoder.model.train()
-            tick, losses, pairs = time.perf_counter(), [], 0
-            bar = tqdm(loader, desc=f"epoch {epoch}/{self.config.epochs}", unit="step",
-                       disable=not self.config.progress, leave=False)
-            for pixels, tokens in bar:
-                losses.append(self.step(pixels, tokens))
-                pairs += len(pixels)
-                bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
-                if time.perf_counter() - started > budget:
+        # one bar over every step of the run, so its ETA is for the whole training; smoothing 0 = the mean rate so
+        # far, validation pauses included
+        bar = tqdm(total=self.total_steps, initial=self.run["steps"], desc="training", unit="step", smoothing=0,
+                   disable=not self.config.progress)
+        with bar:
+            for epoch in range(self.first_epoch, self.config.epochs + 1):
+                if self.run["steps"] >= self.total_steps:
                     break
-            seconds = time.perf_counter() - tick
-            record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else None, "seconds": round(seconds, 2),
-                      "pairs_per_second": round(pairs / seconds, 1) if seconds else None,
-                      "lr": self.scheduler.get_last_lr()[-1], "elapsed_seconds": round(time.perf_counter() - started, 1)}
-            if self.val_samples:
-                record["val"] = validate(self.encoder, self.val_samples, self.root)
-            self.run["history"].append(record)
-            log.info("epoch %d: %s", epoch, _describe(record))
-            self._checkpoint(epoch, record)
-            if time.perf_counter() - started > budget:
-                log.warning("stopping after epoch %d: over the --max-minutes budget", epoch)
-                break
+                self._epoch(epoch, started, bar)
         return self.run
+
+    def _epoch(self, epoch: int, started: float, bar: tqdm) -> None:
+        self.dataset.epoch = epoch
+        torch.manual_seed(self.config.seed * 1000 + epoch)  # augmentation depends on (seed, epoch) only: resumable
+        loader = DataLoader(self.dataset, batch_size=self.config.batch_size, shuffle=True, drop_last=True,
+                            num_workers=self.config.workers, collate_fn=self.dataset.collate,
+                            generator=torch.Generator().manual_seed(self.config.seed * 1000 + epoch),
+                            worker_init_fn=lambda _: torch.set_num_threads(1))
+        self.encoder.model.train()
+        tick, losses, pairs = time.perf_counter(), [], 0
+        for pixels, tokens in loader:
+            losses.append(self.step(pixels, tokens))
+            pairs += len(pixels)
+            self.run["steps"] += 1
+            bar.set_postfix(epoch=f"{epoch}/{self.config.epochs}", loss=f"{losses[-1]:.3f}", refresh=False)
+            bar.update()
+            if self.run["steps"] >= self.total_steps:
+                break
+        seconds = time.perf_counter() - tick
+        record = {"epoch": epoch, "steps": len(losses), "loss": float(np.mean(losses)) if losses else None,
+                  "seconds": round(seconds, 2), "pairs_per_second": round(pairs / seconds, 1) if seconds else None,
+                  "lr": self.scheduler.get_last_lr()[-1], "elapsed_seconds": round(time.perf_counter() - started, 1)}
+        if self.val_samples:
+            record["val"] = validate(self.encoder, self.val_samples, self.root)
+        self.run["history"].append(record)
+        with tqdm.external_write_mode(file=sys.stderr):  # the log line above the bar, not through it
+            log.info("epoch %d (step %d of %d): %s", epoch, self.run["steps"], self.total_steps, _describe(record))
+        self._checkpoint(epoch, record)
 
     def _checkpoint(self, epoch: int, record: dict) -> None:
         val = record.get("val")
@@ -242,6 +263,8 @@ class Trainer:
         (self.out / STATE_DIR / "state.tmp").replace(self.out / STATE_DIR / "state.pt")
 
     def resume(self) -> None:
+        """Continue from the state saved after the last epoch (a run stopped mid-epoch by its step budget and resumed
+        with a larger one goes on with the next epoch)."""
         path = self.out / STATE_DIR / "state.pt"
         if not path.is_file():
             raise EngineError(f"nothing to resume in {self.out} (no {STATE_DIR}/state.pt)")
@@ -254,8 +277,11 @@ class Trainer:
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.best_score, self.run, self.first_epoch = state["best_score"], state["run"], state["epoch"] + 1
-        self.run["config"]["epochs"] = self.config.epochs
-        log.info("resuming after epoch %d of %d", state["epoch"], self.config.epochs)
+        self.run.setdefault("steps", state["epoch"] * self.steps_per_epoch)  # saved before steps were counted
+        self.run["config"].update(epochs=self.config.epochs, max_steps=self.config.max_steps)
+        self.run["planned_steps"] = self.total_steps
+        log.info("resuming after epoch %d of %d (step %d of %d)", state["epoch"], self.config.epochs,
+                 self.run["steps"], self.total_steps)
 
 
 def _describe(record: dict) -> str:
@@ -277,3 +303,17 @@ def _replace_folder(out: Path, write, keep: tuple[str, ...] = ()) -> None:
         if (out / name).exists():
             (out / name).rename(tmp / name)
     swap_into_place(tmp, out)
+
+
+def load_for_training(model: str, pretrained: str | None, out: Path, device: str | None, seed: int):
+    """The encoder to start from and whether its weights are random. `model` may be an open_clip model config JSON
+    file: a custom architecture, randomly initialised (kept in the run's state folder so --resume finds it)."""
+    if model.endswith(".json") and Path(model).is_file():
+        config = json.loads(Path(model).read_text(encoding="utf-8"))
+        folder = out / STATE_DIR / "init"
+        if not (folder / "open_clip_config.json").is_file():
+            init_local_dir(config.get("model_cfg", config), folder, seed)
+        model, pretrained = f"local-dir:{folder}", None
+        return create_encoder(EncoderSpec.from_args(model, pretrained), device=device), True
+    spec = EncoderSpec.from_args(model, pretrained)
+    return create_encoder(spec, device=device), spec.pretrained == "none"

@@ -86,7 +86,8 @@ def _against_model(index: StoredIndex, images_root: Path, sample_size: int, repo
     cosines, unreadable = [], []
     for image_id in ids:
         try:
-            image = load_image(images_root / records[image_id].path, min_side=encoder.image_size)
+            image = load_image(images_root / records[image_id].path,
+                               min_side=encoder.image_size if m.fast_decode else None)  # as the build decoded
         except ImageReadError as exc:
             unreadable.append(str(exc))
             continue

@@ -5,6 +5,9 @@ Write-ahead for resume: after every batch the vectors are appended to raw files 
 `progress.json` is replaced atomically. The progress file is the truth: on resume, rows past it (a batch that was
 being written when the process died) are cut off. A failure (bad data) deletes the work directory; an interruption
 (Ctrl-C, kill -9, power loss) leaves it for `--resume`.
+
+One writer at a time: the writer holds `WriterLock(out)` (indexer/lock.py) from before it looks at the target until
+the block is left, so a second writer is refused instead of discarding a work directory a live process is filling.
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ from search.manifest import MANIFEST_NAME, Manifest
 from search.store import CAPTION_INDEX, CAPTION_VECTORS, IMAGE_INDEX, IMAGE_VECTORS
 from search.index_choice import IndexOptions, build_tuned
 
+from .lock import WriterLock
+
 log = logging.getLogger(__name__)
 
 
@@ -36,10 +41,11 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
     if not out.is_dir():
         raise IndexExistsError(f"{out} exists and is not a directory")
     is_index = (out / MANIFEST_NAME).is_file()
-    if not overwrite and (is_index or any(out.iterdir())):
+    if not is_index and any(out.iterdir()):  # --overwrite would not help: say so instead of suggesting it
+        raise IndexExistsError(f"{out} is a non-empty directory that is not an index; choose another --out (only an "
+                               f"index is ever replaced)")
+    if is_index and not overwrite:
         raise IndexExistsError(f"{out} already exists; pass --overwrite to replace it")
-    if overwrite and not is_index and any(out.iterdir()):
-        raise IndexExistsError(f"{out} is a non-empty directory that is not an index; refusing to replace it")
 
 
 def swap_into_place(tmp: Path, out: Path) -> None:
@@ -71,6 +77,15 @@ class IndexWriter:
     def __init__(self, out: Path, overwrite: bool = False, dim: int = 0, job: dict | None = None,
                  resume: bool = False):
         self.out = Path(out)
+        # before anything looks at or touches the target or its work directory; held until the block is left
+        self._lock = WriterLock(self.out).acquire()
+        try:
+            self._open(overwrite, dim, job, resume)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _open(self, overwrite: bool, dim: int, job: dict | None, resume: bool) -> None:
         check_output_dir(self.out, overwrite)
         self.dim = dim
         self.job = json.loads(json.dumps(job or {}))
@@ -111,13 +126,16 @@ class IndexWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.committed:
-            return
-        for raw in self._raw.values():
-            raw.close()
-        self.catalog.conn.close()
-        if exc_type is not None and not issubclass(exc_type, KeyboardInterrupt):
-            shutil.rmtree(self.tmp, ignore_errors=True)  # a failure, not an interruption: nothing to resume
+        try:
+            if self.committed:
+                return
+            for raw in self._raw.values():
+                raw.close()
+            self.catalog.conn.close()
+            if exc_type is not None and not issubclass(exc_type, KeyboardInterrupt):
+                shutil.rmtree(self.tmp, ignore_errors=True)  # a failure, not an interruption: nothing to resume
+        finally:
+            self._lock.release()
 
     @property
     def n_images(self) -> int:

@@ -1,17 +1,39 @@
-"""What every command-line entry point shares: model arguments, logging set-up and turning EngineErrors into a
-one-line message on stderr with a non-zero exit code."""
+"""What every command-line entry point shares: the argument parser, model arguments, logging set-up and turning
+EngineErrors into a one-line message on stderr with a non-zero exit code.
+
+Imports nothing heavy (no torch, no open_clip): the CLIs check their arguments before they load a model.
+"""
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Callable, NoReturn, Sequence
 
 from .encoders import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from .errors import EngineError
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
+
+# the installed console scripts (pyproject.toml [project.scripts]) and the `python -m` form each one stands for
+CONSOLE_SCRIPTS = {"retrieval-index": "python -m indexer", "retrieval-search": "python -m search",
+                   "retrieval-web": "python -m web"}
+
+
+class CliParser(argparse.ArgumentParser):
+    """argparse with the project's convention for bad input: usage errors too are one line `error: ...` on stderr
+    and exit status 1 (argparse's own are the usage text and status 2). Subcommand parsers inherit the class."""
+
+    def __init__(self, *args, prog: str | None = None, **kwargs):
+        script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+        if prog is not None and CONSOLE_SCRIPTS.get(script) == prog:
+            prog = script  # help and errors name the command the user typed
+        super().__init__(*args, prog=prog, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_ERROR, f"error: {message} (see {self.prog} --help)\n")
 
 
 def add_model_args(parser: argparse.ArgumentParser, default_from_index: bool = False) -> None:

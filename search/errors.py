@@ -35,3 +35,7 @@ class ImageReadError(EngineError):
 
 class QueryError(EngineError):
     """A query is empty, too long or otherwise unusable."""
+
+
+class WriterBusyError(EngineError):
+    """Another live process (or thread) is writing the same index, model folder or demo folder."""

@@ -31,6 +31,7 @@ class Manifest:
     created: str = ""
     indexes: dict = field(default_factory=dict)  # per kind: factory, params (e.g. nprobe), tuned recall@10, bytes
     precision: str = "fp32"  # what the vectors were encoded with; queries may use another (cosine ~0.999 apart)
+    fast_decode: bool = False  # JPEGs decoded at reduced scale (build --fast-decode); update and verify do the same
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -53,6 +54,7 @@ class Manifest:
                        caption_factory=data["caption_factory"], source=data.get("source", {}),
                        skipped=tuple(data.get("skipped", ())), created=data.get("created", ""),
                        precision=data.get("precision", "fp32"), indexes=data.get("indexes", {}),
+                       fast_decode=bool(data.get("fast_decode", False)),
                        format_version=version)
         except (KeyError, TypeError, ValueError) as exc:
             raise IndexFormatError(f"manifest is missing or has a bad field: {exc}") from None

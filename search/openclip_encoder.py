@@ -19,6 +19,7 @@ from PIL import Image
 
 from .encoders import LOCAL_DIR_PREFIX, Encoder, EncoderSpec
 from .errors import ModelLoadError
+from .fingerprints import remember, remembered, weights_key
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,59 @@ def _weights_fingerprint(model: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _hub_cache_only():
+    """huggingface_hub answers from its local cache without a request (a cached file's path costs no network)."""
+    from huggingface_hub import constants
+
+    saved, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def _weights_files(spec: EncoderSpec) -> list[str] | None:
+    """The files open_clip builds `spec`'s weights from, found the way open_clip finds them but never downloading;
+    None for random weights or when they cannot be told (then the fingerprint is computed, not looked up)."""
+    import open_clip
+    from open_clip import factory, pretrained as published
+
+    try:
+        if spec.model.startswith(LOCAL_DIR_PREFIX):
+            folder = Path(spec.model[len(LOCAL_DIR_PREFIX):])
+            checkpoint = factory._find_checkpoint_in_dir(folder)  # the file open_clip picks among several
+            return [str(folder / LOCAL_DIR_CONFIG), checkpoint] if checkpoint else None
+        with _hub_cache_only():
+            if spec.model.startswith("hf-hub:"):
+                repo = spec.model[len("hf-hub:"):]
+                return [published.download_pretrained_from_hf(repo, filename="open_clip_config.json"),
+                        published.download_pretrained_from_hf(repo)]
+            if spec.pretrained in (None, "none"):
+                return None
+            if os.path.isfile(spec.pretrained):
+                return [spec.pretrained]
+            cfg = open_clip.get_pretrained_cfg(spec.model, spec.pretrained)
+            path = published.download_pretrained(cfg) if cfg.get("hf_hub") else None  # its hub cache file
+            return [path] if path else None
+    except Exception:  # not downloaded yet, or an open_clip without these helpers
+        return None
+
+
+def _weights_key(spec: EncoderSpec) -> str | None:
+    """Fingerprint cache key: the weights files' identities, the spec and the versions of the loading code."""
+    import open_clip
+
+    files = _weights_files(spec)
+    names = {**spec.to_dict(), "open_clip": open_clip.__version__, "torch": torch.__version__}
+    return weights_key(names, files) if files else None
+
+
+def _tensor_state(model: torch.nn.Module) -> tuple:
+    """Changes when a weight tensor is replaced or written in place (torch counts in-place writes per tensor)."""
+    return tuple((t.data_ptr(), t._version) for t in model.state_dict().values() if isinstance(t, torch.Tensor))
 
 
 def _pick_device(device: str | None) -> torch.device:
@@ -124,6 +178,7 @@ def load_open_clip(spec: EncoderSpec, device: str | None = None, batch_size: int
     pretrained = None if spec.pretrained in (None, "none") else spec.pretrained
     is_tag = pretrained is not None and not os.path.exists(pretrained)
     needs_hub = spec.model.startswith("hf-hub:") or is_tag
+    key = _weights_key(spec)  # before and after loading: weights files that change meanwhile are not remembered
     try:
         with _hub_offline_if_unreachable(needs_hub) as offline:
             model, train_preprocess, preprocess = open_clip.create_model_and_transforms(spec.model,
@@ -139,13 +194,23 @@ def load_open_clip(spec: EncoderSpec, device: str | None = None, batch_size: int
             ) from None
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load model {spec}: {first_line}") from None
+    if key is not None and key != _weights_key(spec):
+        key = None
+    known = remembered(key)  # what earlier loads of these very files measured
     target = _pick_device(device)
-    fingerprint = _weights_fingerprint(model) if precision != "fp32" else None  # of the weights as published
+    fingerprint = None  # of the weights as published, so before any quantisation
+    if precision != "fp32":
+        fingerprint = known.get("fingerprint") or _weights_fingerprint(model)
     model = _apply_precision(model.to(target), precision, target)
-    encoder = OpenClipEncoder(spec, model, preprocess, tokenizer, target, batch_size, precision)
+    encoder = OpenClipEncoder(spec, model, preprocess, tokenizer, target, batch_size, precision, known.get("dim"))
     encoder.train_preprocess = train_preprocess
     if fingerprint is not None:
         encoder._fingerprint = fingerprint
+    elif key is not None:
+        encoder._loaded_from = (key, _tensor_state(encoder.model))
+    measured = {"dim": encoder.dim, **({"fingerprint": fingerprint} if fingerprint else {})}
+    if key is not None and any(known.get(name) != value for name, value in measured.items()):
+        remember(key, str(spec), **measured)
     return encoder
 
 
@@ -188,7 +253,7 @@ def _encode_text_trimmed(model, tokens: torch.Tensor) -> torch.Tensor:
 
 class OpenClipEncoder(Encoder):
     def __init__(self, spec: EncoderSpec, model, preprocess, tokenizer, device: torch.device, batch_size: int = 64,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", dim: int | None = None):
         self.spec = spec
         self.device = device
         self.batch_size = batch_size
@@ -202,13 +267,19 @@ class OpenClipEncoder(Encoder):
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self._fingerprint: str | None = None
-        self.dim = 0  # towers differ in where they keep the width: ask the model once instead
-        self.dim = int(self.encode_texts(["a photo"]).shape[1])
+        self.dim = 0  # towers differ in where they keep the width: ask the model once (or the fingerprint cache)
+        self.dim = dim or int(self.encode_texts(["a photo"]).shape[1])
 
     @property
     def fingerprint(self) -> str:
-        if self._fingerprint is None:  # hashing ViT-B-32 takes about a second: only when asked
-            self._fingerprint = _weights_fingerprint(self.model)
+        if self._fingerprint is None:  # hashing ViT-B-32 takes about a second: only when asked, once per file
+            key = None
+            if self._loaded_from is not None and self._loaded_from[1] == _tensor_state(self.model):
+                key = self._loaded_from[0]  # still exactly the weights loaded from those files
+            self._fingerprint = remembered(key).get("fingerprint")
+            if self._fingerprint is None:
+                self._fingerprint = _weights_fingerprint(self.model)
+                remember(key, str(self.spec), fingerprint=self._fingerprint)
         return self._fingerprint
 
     def preprocess_image(self, image: Image.Image) -> np.ndarray:
@@ -223,6 +294,7 @@ class OpenClipEncoder(Encoder):
     # -- training hooks (used by indexer.finetune; the Encoder interface itself is inference-only) -----------------
 
     train_preprocess = None  # open_clip's training transform (random resized crop), set by load_open_clip
+    _loaded_from: tuple | None = None  # (fingerprint cache key, _tensor_state at load), set by load_open_clip
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return self.tokenizer(list(texts))

@@ -29,6 +29,24 @@ class SearchConfig:
     text_cache_size: int = 256
 
 
+def checked_text(text: str | None, config: SearchConfig) -> str:
+    """The query text stripped; QueryError when empty or over the limit. Callers may check before loading a model."""
+    text = (text or "").strip()
+    if not text:
+        raise QueryError("empty text query")
+    if len(text) > config.max_query_chars:
+        raise QueryError(f"text query is {len(text)} characters; the limit is {config.max_query_chars}")
+    return text
+
+
+def check_paging(k: int, offset: int, config: SearchConfig) -> None:
+    """QueryError unless 1 <= k <= max_k and the page lies within the first 10 * max_k results."""
+    if not 1 <= k <= config.max_k:
+        raise QueryError(f"k must be between 1 and {config.max_k}")
+    if offset < 0 or offset + k > config.max_k * 10:
+        raise QueryError(f"offset must be between 0 and {config.max_k * 10 - k}")
+
+
 @dataclass(frozen=True)
 class Hit:
     """One result. For image targets `captions` lists the image's captions; for caption targets `caption` is the
@@ -41,6 +59,12 @@ class Hit:
     captions: tuple[str, ...] = ()
     caption_id: int | None = None
     caption: str | None = None
+
+    def to_json(self) -> dict:
+        """The stable per-result shape of `search query --json` (the web API adds ids and URLs)."""
+        if self.caption is not None:
+            return {"rank": self.rank, "score": round(self.score, 6), "caption": self.caption, "image": self.image}
+        return {"rank": self.rank, "score": round(self.score, 6), "image": self.image, "captions": list(self.captions)}
 
 
 class Searcher:
@@ -65,11 +89,7 @@ class Searcher:
     # -- query encoding ---------------------------------------------------------------------------------------------
 
     def encode_text(self, text: str) -> np.ndarray:
-        text = (text or "").strip()
-        if not text:
-            raise QueryError("empty text query")
-        if len(text) > self.config.max_query_chars:
-            raise QueryError(f"text query is {len(text)} characters; the limit is {self.config.max_query_chars}")
+        text = checked_text(text, self.config)
         with self._lock:
             cached = self._text_cache.get(text)
             if cached is not None:
@@ -100,10 +120,7 @@ class Searcher:
     def search_vector(self, vector: np.ndarray, target: str = "images", k: int = 10, offset: int = 0) -> list[Hit]:
         if target not in TARGETS:
             raise QueryError(f"unknown target '{target}' (choose images or captions)")
-        if not 1 <= k <= self.config.max_k:
-            raise QueryError(f"k must be between 1 and {self.config.max_k}")
-        if offset < 0 or offset + k > self.config.max_k * 10:
-            raise QueryError(f"offset must be between 0 and {self.config.max_k * 10 - k}")
+        check_paging(k, offset, self.config)
         index = self.index  # one snapshot for the whole query: `reopen` may swap in a new version meanwhile
         if target == "captions" and index.manifest.n_captions == 0:
             raise QueryError("this index has no captions (it was built from images alone); search images instead")

@@ -99,20 +99,28 @@ def write_csv(path: Path, pairs, header: bool = True, delimiter: str = ",") -> P
     return Path(path)
 
 
-def reference_recall(image_vectors: np.ndarray, caption_vectors: np.ndarray, caption_image_ids, k: int):
-    """Independent recall@k (percent; text→image, image→text): per query, sort all candidates by score with wrong
-    candidates before correct ones among equal scores, and look for a correct one in the first k."""
-    scores = caption_vectors @ image_vectors.T
+def reference_recall(image_vectors: np.ndarray, caption_vectors: np.ndarray, caption_image_ids, k: int,
+                     ties: str = "strict"):
+    """Independent recall@k (percent; text→image, image→text): per query, sort all candidates by score and look for a
+    correct one in the first k. Among equal scores, "strict" puts wrong candidates before correct ones, "position"
+    the lower index first. Scores are CLIP_benchmark's: one float32 torch product `captions @ images.T`."""
+    import torch
+
+    scores = (torch.from_numpy(np.asarray(caption_vectors, np.float32))
+              @ torch.from_numpy(np.asarray(image_vectors, np.float32)).T).numpy()
+
+    def first_k(n, score, correct):
+        tie = (lambda c: correct(c)) if ties == "strict" else (lambda c: 0)
+        return sorted(range(n), key=lambda c: (-score(c), tie(c), c))[:k]
+
     t2i = []
     for j, truth in enumerate(caption_image_ids):
-        order = sorted(range(len(image_vectors)), key=lambda i: (-scores[j, i], i == truth))
-        t2i.append(truth in order[:k])
+        t2i.append(truth in first_k(len(image_vectors), lambda i: scores[j, i], lambda i: i == truth))
     i2t = []
     for i in range(len(image_vectors)):
         own = {j for j, img in enumerate(caption_image_ids) if img == i}
         if own:
-            order = sorted(range(len(caption_vectors)), key=lambda j: (-scores[j, i], j in own))
-            i2t.append(bool(own & set(order[:k])))
+            i2t.append(bool(own & set(first_k(len(caption_vectors), lambda j: scores[j, i], lambda j: j in own))))
     return 100 * float(np.mean(t2i)), 100 * float(np.mean(i2t))
 
 

@@ -118,7 +118,11 @@ def test_overwrite_refuses_a_folder_that_is_not_an_index(tmp_path, images, tiny_
     (tmp_path / "precious" / "thesis.tex").write_text("years of work")
     code = build("--format", "folder", "--images", images, "--out", tmp_path / "precious", "--overwrite",
                  model=tiny_model_spec)
-    assert code == 1 and "not an index; refusing to replace it" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 1 and "not an index; choose another --out" in err and "pass --overwrite" not in err
+    code = build("--format", "folder", "--images", images, "--out", tmp_path / "precious", model=tiny_model_spec)
+    err = capsys.readouterr().err  # without --overwrite: the same advice, never "pass --overwrite"
+    assert code == 1 and "not an index; choose another --out" in err and "pass --overwrite" not in err
     assert (tmp_path / "precious" / "thesis.tex").exists()
 
 

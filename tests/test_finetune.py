@@ -1,4 +1,10 @@
 import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -7,12 +13,14 @@ from indexer import finetune
 from indexer.cli import main as indexer_main
 from indexer.readers import read_dataset
 from search.cli import main as search_main
+from search.errors import DatasetError
 from search.encoders import EncoderSpec, create_encoder
 from search.openclip_encoder import init_local_dir
 
 from .helpers import TINY_MODEL_CFG, make_pairs, write_flickr8k, write_images
 
 PAIRS = make_pairs(64, seed=11)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +42,10 @@ def finetune_args(data, out, *extra):
 
 def state(folder):
     return create_encoder(EncoderSpec.from_args(f"local-dir:{folder}", None)).model.state_dict()
+
+
+def files(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_training_lowers_loss_and_lifts_recall_from_chance(data, tmp_path, capsys):
@@ -157,3 +169,96 @@ def test_starts_from_existing_weights_with_a_gentle_default_lr(data, tmp_path, t
     assert run["from_random"] is False and run["config"]["lr"] == 1e-5
     assert run["base_model"]["model"] == f"local-dir:{tiny_model_dir}"
     assert state(tmp_path / "model").keys() == state(tiny_model_dir).keys()
+
+
+def test_step_budget_stops_at_exactly_n_steps_and_ends_the_schedule_there(data, tmp_path):
+    out = tmp_path / "model"
+    assert indexer_main(finetune_args(data, out, "--epochs", "3", "--max-steps", "6")) == 0
+    run = json.loads((out / "training.json").read_text())
+    assert run["steps"] == run["planned_steps"] == 6
+    assert [(r["epoch"], r["steps"]) for r in run["history"]] == [(1, 4), (2, 2)]  # four steps an epoch
+    assert run["history"][0]["lr"] > 0 and run["history"][-1]["lr"] == 0.0  # the cosine reached its end at step 6
+    assert run["config"]["max_steps"] == 6 and "max_minutes" not in run["config"]
+    # without --max-steps, every step of every epoch
+    assert indexer_main(finetune_args(data, tmp_path / "epochs", "--epochs", "2")) == 0
+    run = json.loads((tmp_path / "epochs" / "training.json").read_text())
+    assert run["steps"] == run["planned_steps"] == 8 and [r["steps"] for r in run["history"]] == [4, 4]
+    assert indexer_main(finetune_args(data, tmp_path / "zero", "--max-steps", "0")) == 1
+
+
+def test_same_arguments_train_the_same_weights_however_slow_the_machine(data, tmp_path, monkeypatch):
+    """The budget is steps, not time: a run whose clock jumps an hour at every reading trains the same model."""
+    args = ("--epochs", "2")
+    assert indexer_main(finetune_args(data, tmp_path / "a", *args)) == 0
+    hours = iter(range(0, 10 ** 9, 3600))
+    monkeypatch.setattr(finetune, "time", SimpleNamespace(perf_counter=lambda: float(next(hours))))
+    assert indexer_main(finetune_args(data, tmp_path / "b", *args)) == 0
+    runs = [json.loads((tmp_path / name / "training.json").read_text()) for name in ("a", "b")]
+    assert runs[1]["history"][-1]["elapsed_seconds"] > 3600  # the slow clock was read
+    assert [r["loss"] for r in runs[0]["history"]] == [r["loss"] for r in runs[1]["history"]]
+    assert runs[0]["steps"] == runs[1]["steps"] == 8
+    a, b = state(tmp_path / "a"), state(tmp_path / "b")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)
+
+
+def test_failed_overwrite_keeps_the_old_model_and_resumes_into_place(data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "model"
+    assert indexer_main(finetune_args(data, out, "--epochs", "1")) == 0
+    before, old = files(out), state(out)
+    calls = {"n": 0}
+    real_step = finetune.Trainer.step
+
+    def failing_step(self, pixels, tokens):
+        calls["n"] += 1
+        if calls["n"] == 6:  # in epoch 2, after the first epoch's checkpoint
+            raise DatasetError("an image became unreadable")
+        return real_step(self, pixels, tokens)
+
+    monkeypatch.setattr(finetune.Trainer, "step", failing_step)
+    assert indexer_main(finetune_args(data, out, "--epochs", "3", "--overwrite")) == 1
+    assert "an image became unreadable" in capsys.readouterr().err
+    assert files(out) == before  # byte for byte: weights, training.json, resumable state
+    after = state(out)
+    assert all(torch.equal(after[n], old[n]) for n in old)
+    assert (finetune.work_dir(out) / ".resume" / "state.pt").is_file()
+
+    # --resume continues the replacement beside the old model and swaps it in when complete
+    monkeypatch.setattr(finetune.Trainer, "step", real_step)
+    assert indexer_main(finetune_args(data, out, "--epochs", "3", "--resume")) == 0
+    assert not finetune.work_dir(out).exists()
+    run = json.loads((out / "training.json").read_text())
+    assert [r["epoch"] for r in run["history"]] == [1, 2, 3] and run["steps"] == 12
+    assert run["base_model"]["model"] == finetune.OWN_INIT  # the init weights moved with the folder
+    assert (out / ".resume" / "init" / "open_clip_config.json").is_file()
+    new = state(out)
+    assert any(not torch.equal(new[n], old[n]) for n in old)
+    # a finished model resumed again does nothing; a plain --overwrite replaces it with a new run
+    assert indexer_main(finetune_args(data, out, "--epochs", "3", "--resume")) == 0
+    assert indexer_main(finetune_args(data, out, "--epochs", "1", "--overwrite")) == 0
+    assert json.loads((out / "training.json").read_text())["steps"] == 4 and not finetune.work_dir(out).exists()
+
+
+@pytest.mark.slow
+def test_killed_overwrite_leaves_the_old_model_loadable(data, tmp_path):
+    """The user's way: `python -m indexer finetune --overwrite` from another directory, relative paths, kill -9."""
+    out = tmp_path / "model"
+    assert indexer_main(finetune_args(data, out, "--epochs", "1")) == 0
+    before, old = files(out), state(out)
+    argv = [sys.executable, "-m", "indexer", *finetune_args(data, Path("model"), "--epochs", "1000", "--overwrite")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    process = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    checkpoint = tmp_path / ".model.training" / "training.json"
+    try:
+        for _ in range(1200):  # until the new run has checkpointed an epoch beside the old model
+            if checkpoint.is_file() or process.poll() is not None:
+                break
+            time.sleep(0.25)
+    finally:
+        process.kill()
+        process.wait()
+    assert checkpoint.is_file(), process.stderr.read().decode()
+    process.stderr.close()
+    assert files(out) == before
+    after = state(out)
+    assert all(torch.equal(after[n], old[n]) for n in old)

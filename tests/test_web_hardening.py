@@ -116,7 +116,6 @@ def test_listening_beyond_loopback_without_a_token_warns(index_dir):
 
 def test_caption_search_on_an_index_without_captions_says_so(tmp_path, tiny_model_spec):
     from indexer.cli import main as indexer_main
-    from search.cli import main as search_main
 
     photos = write_images(tmp_path / "photos", PAIRS[:4])
     index = tmp_path / "photos-index"

@@ -3,33 +3,40 @@ and API."""
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import sys
 import threading
 
-from search.cli_common import add_model_args, run_cli
+from search.cli_common import CliParser, add_model_args, run_cli
 from search.errors import IndexFormatError
 
 from werkzeug.serving import make_server
 
 from . import EXTENSION_KEY, create_app
-from .config import WebConfig
+from .config import ADMIN_TOKEN_ENV, WebConfig
 from .main_thread import MainThreadRunner
 
 
 def _serve(args: argparse.Namespace) -> int:
     if args.demo:
-        from .demo import SCALES, prepare_demo
+        from .demo import SCALES, prepare_demo, summary
 
-        args.index = prepare_demo(args.demo_dir, SCALES[args.demo_scale])
+        result = prepare_demo(args.demo_dir, SCALES[args.demo_scale], retrain=args.retrain)
+        print(summary(result), flush=True)
+        args.index = result.index
         if args.prepare_only:
             return 0
     elif args.index is None:
         raise IndexFormatError("give --index INDEX, or --demo for the offline demo")
     config = WebConfig(index=args.index, model=args.model, pretrained=args.pretrained, device=args.device,
                        precision=args.precision,
-                       images=args.images, max_upload_mb=args.max_upload_mb)
+                       images=args.images, max_upload_mb=args.max_upload_mb, admin_token=args.admin_token)
     app = create_app(config)
+    if not _is_loopback_host(args.host) and app.extensions[EXTENSION_KEY].config.admin_token is None:
+        logging.getLogger("web").warning(
+            "listening on %s without an admin token: POST /api/reload is refused to every client not on this "
+            "machine; set --admin-token or %s to allow it", args.host, ADMIN_TOKEN_ENV)
     runner = MainThreadRunner()
     app.extensions[EXTENSION_KEY].searcher.run_model = runner
     server = make_server(args.host, args.port, app, threaded=True)
@@ -43,8 +50,15 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_loopback_host(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m web", description="Serve the search UI and JSON API.")
+    parser = CliParser(prog="python -m web", description="Serve the search UI and JSON API.")
     parser.add_argument("--index", help="index directory")
     demo = parser.add_argument_group("offline demo")
     demo.add_argument("--demo", action="store_true",
@@ -54,9 +68,15 @@ def make_parser() -> argparse.ArgumentParser:
     demo.add_argument("--demo-scale", choices=("full", "tiny"), default="full",
                       help="tiny: a seconds-long smoke test of the flow (default: full)")
     demo.add_argument("--prepare-only", action="store_true", help="with --demo: prepare everything, do not serve")
+    demo.add_argument("--retrain", action="store_true",
+                      help="with --demo: train the model again (and rebuild its index) even if the one in --demo-dir "
+                           "was made by the current recipe")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--images", default=None, help="image root (default: the one recorded at build time)")
+    parser.add_argument("--admin-token", default=None,
+                        help=f"token that POST /api/reload must carry (Authorization: Bearer TOKEN); default: "
+                             f"${ADMIN_TOKEN_ENV}; without one, only loopback clients may reload")
     parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload (default: 20)")
     add_model_args(parser, default_from_index=True)
     return parser

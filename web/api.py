@@ -15,7 +15,6 @@ import time
 from flask import Blueprint, jsonify, request, url_for
 from werkzeug.exceptions import BadRequest, Forbidden, NotFound, Unauthorized
 
-from search.cli import hit_to_json
 from search.errors import EngineError
 from search.searcher import TARGETS, Hit
 
@@ -43,7 +42,7 @@ def hit_json(hit: Hit) -> dict:
     extra = {"id": hit.image_id, "thumbnail": url_for("pages.thumbnail", image_id=hit.image_id)}
     if hit.caption is not None:
         extra["caption_id"] = hit.caption_id
-    return {**hit_to_json(hit), **extra}
+    return {**hit.to_json(), **extra}
 
 
 def _respond(query, started: float, hits: list[Hit], **extra):
