@@ -6,7 +6,7 @@
 Decode: `load_image` + the model's preprocessing, one thread (what each decoding worker of a build does), on
 photo-like 640x480 JPEGs. Pipeline: `indexer build`'s code writing a real index (threads decode ahead of the model).
 Cosine: exact vs fast vectors of the same file. Recall: the demo's held-out test images re-saved as 640x480 JPEGs
-(upscaled, quality 90) and indexed both ways; the demo's own PNGs give the baseline. Medians over --repeats runs,
+(upscaled, quality 90) and indexed both ways; the demo's own images (small JPEGs, as generated) give the baseline. Medians over --repeats runs,
 exact and fast alternating within each run so machine load affects both alike.
 """
 from __future__ import annotations
@@ -108,7 +108,7 @@ def recall_table(demo_dir: Path, work: Path) -> None:
     test = read_dataset("flickr8k", token, images, "test")
     photos = as_photos(test, images, work / "demo_photos")
     encoder = create_encoder(EncoderSpec.from_args(f"local-dir:{model}", None))
-    runs = {"demo PNGs as generated": (images, test, False),
+    runs = {"demo images as generated": (images, test, False),
             "640x480 JPEGs, exact (default)": (work / "demo_photos", photos, False),
             "640x480 JPEGs, fast (--fast-decode)": (work / "demo_photos", photos, True)}
     results = {}
