@@ -1,6 +1,6 @@
 """Command-line start-up: bad input must answer at once, a query must cost little more than loading its model.
 
-    python benchmarks/cli_startup.py [--runs 7] [--work DIR]
+    python -m benchmarks.cli_startup [--runs 7] [--work DIR]
 
 Whole processes (`python -m ...` from the repo root), interleaved round by round, medians over --runs rounds:
   - bad arguments for each CLI (k=0, empty or over-long query, missing image, a directory that is not an index, a
@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, machine, photo_like_images
+from benchmarks.common import ROOT, machine, photo_like_images
 
 TARGET_RATIO = 1.2
 
@@ -31,7 +31,7 @@ def prepare(work: Path) -> tuple[Path, Path]:
     """(model folder, index folder), created once in `work`."""
     import open_clip
 
-    from search.openclip_encoder import init_local_dir
+    from search.openclip.local_dir import init_local_dir
 
     model, index = work / "model", work / "index"
     if not (model / "open_clip_config.json").is_file():

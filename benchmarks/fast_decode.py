@@ -1,7 +1,7 @@
 """Exact (default) vs fast JPEG decoding (`indexer build --fast-decode`): speed, and how far the vectors move.
 
-    python benchmarks/fast_decode.py                          # ViT-B-32, random weights: speed and cosine
-    python benchmarks/fast_decode.py --demo-dir demo_data     # also recall@k on the trained demo model
+    python -m benchmarks.fast_decode                          # ViT-B-32, random weights: speed and cosine
+    python -m benchmarks.fast_decode --demo-dir demo_data     # also recall@k on the trained demo model
 
 Decode: `load_image` + the model's preprocessing, one thread (what each decoding worker of a build does), on
 photo-like 640x480 JPEGs. Pipeline: `indexer build`'s code writing a real index (threads decode ahead of the model).
@@ -21,11 +21,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from common import encoding_parser, machine, photo_like_images
-
+from benchmarks.common import encoding_parser, machine, photo_like_images
+from demo.scenes import IMAGE_DIR
 from indexer.pipeline import BuildConfig, build_index
 from indexer.readers import Sample, read_dataset
-from indexer.scenes import IMAGE_DIR
 from search.evaluation import evaluate
 from search.encoders import EncoderSpec, create_encoder
 from search.images import load_image
@@ -114,7 +113,7 @@ def recall_table(demo_dir: Path, work: Path) -> None:
     results = {}
     for name, (root, samples, fast) in runs.items():
         out, _ = build(encoder, root, samples, work, fast)
-        results[name] = (evaluate(open_index(out)), np.load(out / "image_vectors.npy"))
+        results[name] = (evaluate(open_index(out)).to_json(), np.load(out / "image_vectors.npy"))
     exact_vectors = results["640x480 JPEGs, exact (default)"][1]
     print(f"\nrecall@k on the demo's test split ({len(test)} images, model {model}, input {encoder.image_size} px):\n")
     print("| images | text→image R@1 / R@5 / R@10 | image→text R@1 / R@5 / R@10 | cosine to exact JPEG vectors "

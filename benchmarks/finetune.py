@@ -3,35 +3,24 @@
 Runs the demo's recipe (generated scenes, small CLIP from random weights) unless --model/--pretrained name a
 starting point. Prints a table; measures everything in this run.
 
-    python benchmarks/finetune.py                         # the demo's full recipe (~10 min on 2 CPU cores)
-    python benchmarks/finetune.py --epochs 2 --n-train 2000   # a quicker look
+    python -m benchmarks.finetune                         # the demo's full recipe (~10 min on 2 CPU cores)
+    python -m benchmarks.finetune --epochs 2 --n-train 2000   # a quicker look
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from indexer.finetune import load_for_training  # noqa: E402
-from indexer.finetune import FinetuneConfig, Trainer, validate  # noqa: E402
-from indexer.readers import read_dataset  # noqa: E402
-from indexer.scenes import IMAGE_DIR, generate  # noqa: E402
-from web.demo import DEMO_MODEL_CONFIG, DemoConfig  # noqa: E402
-
-
-def machine() -> str:
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, {'cuda' if torch.cuda.is_available() else 'cpu'}")
+from benchmarks.common import machine
+from demo.prepare import DEMO_MODEL_CONFIG, DemoConfig
+from demo.scenes import IMAGE_DIR, generate
+from indexer.finetune import FinetuneConfig, Trainer, load_for_training, validate
+from indexer.readers import read_dataset
 
 
 def row(name: str, metrics: dict) -> str:
@@ -61,25 +50,21 @@ def main() -> None:
     train = read_dataset("flickr8k", token, images, "train")
     test = read_dataset("flickr8k", token, images, "test")
 
-    encoder, from_random = load_for_training(args.model, args.pretrained, work / "model", None, 0)
-    before = validate(encoder, test, images)
+    task, from_random = load_for_training(args.model, args.pretrained, work / "model", None, 0)
+    before = validate(task.encoder, test, images)
     config = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, workers=1, progress=False)
-    trainer = Trainer(encoder, train, None, images, work / "model", config, {"bench": True}, from_random)
+    trainer = Trainer(task, train, None, images, work / "model", config, {"bench": True}, from_random)
     history = []
     started = time.perf_counter()
-    real_checkpoint = trainer._checkpoint
 
-    def checkpoint_and_measure(epoch, record):  # test recall after every epoch: recall against training time
-        real_checkpoint(epoch, record)
-        history.append((epoch, time.perf_counter() - started, record["pairs_per_second"],
-                        validate(encoder, test, images)))
-        encoder.model.train()
+    def measure(record):  # test recall after every epoch: recall against training time (the model is in eval mode)
+        history.append((record["epoch"], time.perf_counter() - started, record["pairs_per_second"],
+                        validate(task.encoder, test, images)))
 
-    trainer._checkpoint = checkpoint_and_measure
-    trainer.fit()
+    trainer.fit(on_epoch=measure)
     train_seconds = sum(r["seconds"] for r in trainer.run["history"])
 
-    print(f"\nmachine: {machine()}")
+    print(f"\n{machine()}")
     print(f"train split: {len(train)} images; test split: {len(test)} images, {5 * len(test)} captions; "
           f"model: {args.model} ({args.pretrained})\n")
     print("| model | text→image R@1 / R@5 / R@10 | image→text R@1 / R@5 / R@10 |")

@@ -1,7 +1,7 @@
 """Image encoding throughput: model-only forward, the plain open_clip loop, and our build pipeline per precision.
 
-    python benchmarks/image_encoding.py                     # ViT-B-32, random weights (same cost as real ones)
-    python benchmarks/image_encoding.py --demo-dir demo_data  # also recall@k per precision on the trained demo model
+    python -m benchmarks.image_encoding                     # ViT-B-32, random weights (same cost as real ones)
+    python -m benchmarks.image_encoding --demo-dir demo_data  # also recall@k per precision on the trained demo model
 
 Model-only: `encode_pixels` on tensors preprocessed in advance. Plain loop: open, convert, open_clip preprocess,
 stack, encode, batch after batch (what a user writes first). Pipeline: `indexer build`'s code (threads decode and
@@ -19,13 +19,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from common import encoding_parser, machine, photo_like_images
-
+from benchmarks.common import encoding_parser, machine, photo_like_images
 from indexer.pipeline import BuildConfig, build_index
 from indexer.readers import Sample, read_dataset
 from search.evaluation import evaluate
 from search.encoders import EncoderSpec, create_encoder
-from search.openclip_encoder import save_local_dir
+from search.openclip.local_dir import save_local_dir
 from search.store import open_index
 
 
@@ -55,7 +54,7 @@ def main() -> None:
     spec = EncoderSpec.from_args(args.model, args.pretrained)
     if spec.pretrained == "none":  # every load draws new random weights: draw once, load each precision from it
         first = create_encoder(spec)
-        spec = EncoderSpec.from_args(f"local-dir:{save_local_dir(first, work / 'model', first.model_config())}", None)
+        spec = EncoderSpec.from_args(f"local-dir:{save_local_dir(first, work / 'model')}", None)
         del first
     precisions = args.precisions.split(",")
     encoders = {p: create_encoder(spec, batch_size=args.batch_size, precision=p) for p in precisions}
@@ -106,7 +105,7 @@ def main() -> None:
         for precision in precisions:
             out = Path(tempfile.mkdtemp(dir=work)) / "index"
             build_index(test, images, create_encoder(demo_spec, precision=precision), out, BuildConfig(progress=False))
-            m = evaluate(open_index(out))
+            m = evaluate(open_index(out)).to_json()
             t, i = m["text_to_image"], m["image_to_text"]
             print(f"| {precision} | {t['R@1']:.2f} / {t['R@5']:.2f} / {t['R@10']:.2f} | "
                   f"{i['R@1']:.2f} / {i['R@5']:.2f} / {i['R@10']:.2f} |")

@@ -1,7 +1,7 @@
 """Search at scale: exact Flat against the automatic index choice, on synthetic normalised 512-d clustered vectors.
 
-    python benchmarks/search_scaling.py                      # 100k and 1M vectors (about 10 minutes, 8 GB RAM)
-    python benchmarks/search_scaling.py --sizes 100000       # quicker
+    python -m benchmarks.search_scaling                      # 100k and 1M vectors (about 10 minutes, 8 GB RAM)
+    python -m benchmarks.search_scaling --sizes 100000       # quicker
 
 For each size: build time (including training and nprobe tuning for the automatic choice), index size, single-query
 latency p50/p99, batched latency per query (100 queries a call), recall@10 against exact search on fresh queries.
@@ -16,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import machine, percentiles
-
+from benchmarks.common import machine, percentiles
 from search.index_choice import DEFAULT_TARGET_RECALL, build_tuned, recall_at_k
 from search.vector_index import VectorIndex
 

@@ -1,6 +1,6 @@
 """Text encoding: open_clip's full 77-token forward against ours, trimmed to the batch's longest real sequence.
 
-    python benchmarks/text_encoding.py            # ViT-B-32 text tower, random weights (same cost as real ones)
+    python -m benchmarks.text_encoding            # ViT-B-32 text tower, random weights (same cost as real ones)
 
 Single queries (one caption at a time, as the web API sees them) and batches of 256 captions (as indexing sees them);
 median latency over the runs, and the largest difference between the two paths' embeddings.
@@ -16,8 +16,7 @@ import time
 import numpy as np
 import torch
 
-from common import machine, percentiles
-
+from benchmarks.common import machine, percentiles
 from search.encoders import EncoderSpec, create_encoder
 
 WORDS = ("a dog runs on the beach near two children with a red ball while the sun sets behind the old wooden pier "

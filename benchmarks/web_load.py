@@ -1,7 +1,7 @@
 """The JSON API under load: text queries end to end (HTTP, encode, search, JSON) against the encode time alone.
 
-    python benchmarks/web_load.py                 # builds a ViT-B-32 (random weights) index of 256 photos first
-    python benchmarks/web_load.py --index INDEX   # an existing index
+    python -m benchmarks.web_load                 # builds a ViT-B-32 (random weights) index of 256 photos first
+    python -m benchmarks.web_load --index INDEX   # an existing index
 
 Serves the app on loopback with `python -m web` and with gunicorn (sync workers answer on their main thread, the
 gthread worker on other threads); clients keep their connections open and send distinct queries (no cache hits). Reports p50/p99
@@ -22,13 +22,12 @@ import time
 import urllib.parse
 from pathlib import Path
 
-from common import ROOT, machine, percentiles, photo_like_images
-
+from benchmarks.common import ROOT, machine, percentiles, photo_like_images
 from benchmarks.text_encoding import captions
 from indexer.pipeline import BuildConfig, build_index
 from indexer.readers import Sample
 from search.encoders import create_encoder
-from search.openclip_encoder import save_local_dir
+from search.openclip.local_dir import save_local_dir
 from search.store import open_index
 
 
@@ -65,7 +64,7 @@ def main() -> None:
         work = Path(tempfile.mkdtemp(prefix="bench-web-"))
         photos = photo_like_images(work / "photos", 256)
         random_draw = create_encoder(EncoderSpec.from_args("ViT-B-32", "none"))  # saved: the server must load
-        folder = save_local_dir(random_draw, work / "model", random_draw.model_config())  # the same weights
+        folder = save_local_dir(random_draw, work / "model")  # the same weights
         encoder = create_encoder(EncoderSpec.from_args(f"local-dir:{folder}", None))
         index = work / "index"
         build_index([Sample(p.name) for p in photos], work / "photos", encoder, index, BuildConfig(progress=False))

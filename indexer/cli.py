@@ -8,20 +8,22 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from search.atomic import swap_into_place
 from search.cli_common import CliParser, add_model_args, run_cli
-from search.encoders import DEFAULT_MODEL, EncoderSpec, create_encoder
-from search.errors import IndexExistsError
+from search.encoders import DEFAULT_MODEL, HF_HUB_PREFIX, LOCAL_DIR_PREFIX, EncoderSpec, create_encoder
 from search.images import DEFAULT_MAX_MEGAPIXELS
 from search.index_choice import DEFAULT_TARGET_RECALL, IndexOptions, parse_size
+from search.recall import RetrievalRecall
 from search.store import open_index
 
-# search.openclip_encoder and .finetune import torch (seconds): imported where used, so that --help and bad
+# search.openclip and .finetune import torch (seconds): imported where used, so that --help and bad
 # arguments answer at once
 from .verify import info, verify
 
-from .pipeline import BuildConfig, Reuse, build_index
+from .loader import Reuse
+from .pipeline import BuildConfig, build_index
 from .readers import READERS, dataset_source, read_dataset
-from .writer import check_output_dir, partial_dir, swap_into_place
+from .writer import check_output_dir, resume_progress
 from .lock import WriterLock
 from .model_folder import training_folder
 
@@ -48,8 +50,8 @@ def _one_writer(target: str, lock_if=lambda path: True):
 def _build(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_output_dir(out, args.overwrite)  # fail before loading a model or reading a dataset
-    if args.resume and not (partial_dir(out) / "progress.json").is_file():
-        raise IndexExistsError(f"nothing to resume for {out}: no interrupted build in {partial_dir(out)}")
+    if args.resume:
+        resume_progress(out)  # EngineError when there is nothing to resume
     samples = read_dataset(args.format, args.annotations, args.images, args.split, args.include_hidden)
     encoder = create_encoder(EncoderSpec.from_args(args.model, args.pretrained), device=args.device,
                              batch_size=args.batch_size, precision=args.precision)
@@ -92,13 +94,13 @@ def _finetune(args: argparse.Namespace) -> int:
     val = read_dataset(args.format, args.annotations, args.images, args.val_split) if args.val_split else None
     from .finetune import FinetuneConfig, Trainer, load_for_training
 
-    encoder, from_random = load_for_training(args.model or DEFAULT_MODEL, args.pretrained, work, args.device, args.seed)
+    task, from_random = load_for_training(args.model or DEFAULT_MODEL, args.pretrained, work, args.device, args.seed)
     config = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, accum_steps=args.accum_steps, lr=args.lr,
                             weight_decay=args.weight_decay, lock_image=args.lock_image, lock_text=args.lock_text,
                             workers=args.workers, seed=args.seed, max_steps=args.max_steps,
                             progress=not args.quiet)
     source = dataset_source(args.format, args.annotations, args.images, args.split, val_split=args.val_split)
-    trainer = Trainer(encoder, train, val, args.images, work, config, source, from_random)
+    trainer = Trainer(task, train, val, args.images, work, config, source, from_random)
     if args.resume:
         trainer.resume()
     run = trainer.fit()
@@ -107,9 +109,8 @@ def _finetune(args: argparse.Namespace) -> int:
     best = next((r for r in run["history"] if r["epoch"] == run["best_epoch"]), None)
     summary = f"model saved to {out} (best epoch {run['best_epoch']} of {len(run['history'])})"
     if best and "val" in best:
-        summary += f"; val text→image R@5 {best['val']['text_to_image']['R@5']:.1f}, image→text R@5 " \
-                   f"{best['val']['image_to_text']['R@5']:.1f}"
-    print(summary + f"\nuse it with: --model local-dir:{out}")
+        summary += f"; val {RetrievalRecall.from_json(best['val']).format(ks=(5,))}"
+    print(summary + f"\nuse it with: --model {LOCAL_DIR_PREFIX}{out}")
     return 0
 
 
@@ -126,8 +127,8 @@ def _index_line(entry: dict) -> str:
     parts = [", ".join(f"{k} {v}" for k, v in (entry.get("params") or {}).items())]
     if entry.get("recall_at_10") is not None and entry.get("params"):
         parts.append(f"recall@10 {entry['recall_at_10']:.3f} against exact search")
-    if entry.get("bytes"):
-        parts.append(_size(entry["bytes"]))
+    if entry.get("memory_bytes"):
+        parts.append(_size(entry["memory_bytes"]) + " in memory")
     factory = entry.get("factory")
     details = "; ".join(p for p in parts if p)
     return f"{factory}{' (exact)' if factory == 'Flat' else ''}{': ' + details if details else ''}"
@@ -233,8 +234,9 @@ def make_parser() -> argparse.ArgumentParser:
     tune.add_argument("--split", default=None, help="training split (default: every image)")
     tune.add_argument("--val-split", default=None, help="validation split: recall@k after every epoch, best kept")
     tune.add_argument("--out", type=Path, required=True, help="model folder to write (open_clip local-dir)")
-    tune.add_argument("--model", default=None, help="open_clip name, local-dir:PATH, hf-hub:ORG/REPO, or an open_clip "
-                                                    "model config .json for a custom architecture (random weights)")
+    tune.add_argument("--model", default=None,
+                      help=f"open_clip name, {LOCAL_DIR_PREFIX}PATH, {HF_HUB_PREFIX}ORG/REPO, or an open_clip model "
+                           f"config .json for a custom architecture (random weights)")
     tune.add_argument("--pretrained", default=None, help="tag, checkpoint file, or 'none' for random weights")
     tune.add_argument("--device", default=None, help="torch device (default: cuda when present, else cpu)")
     tune.add_argument("--epochs", type=int, default=5)

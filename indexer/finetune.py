@@ -15,27 +15,29 @@ import json
 import logging
 import math
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from search.encoders import LOCAL_DIR_PREFIX, Encoder, EncoderSpec
 from search.errors import DatasetError, EngineError, ImageReadError
 from search.images import load_image
 from search.metrics import retrieval_metrics
-from search.encoders import EncoderSpec, create_encoder
-from search.openclip_encoder import OpenClipEncoder, init_local_dir, save_local_dir
+from search.recall import RetrievalRecall
+from search.openclip import CONFIG_FILE
+from search.openclip.local_dir import init_local_dir
+from search.openclip.training import ClipTask
 
 from .model_folder import OWN_INIT, RUN_FILE, STATE_DIR, work_dir  # noqa: F401 (re-exported)
 from .readers import Sample
-from .writer import swap_into_place
+from search.atomic import replace_dir, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +62,8 @@ class FinetuneConfig:
 class PairDataset(Dataset):
     """Item i: image i through the training transform, with one of its captions picked per epoch."""
 
-    def __init__(self, samples: Sequence[Sample], images_root: Path, encoder: OpenClipEncoder, seed: int):
-        self.samples, self.root, self.encoder, self.seed, self.epoch = list(samples), Path(images_root), encoder, seed, 0
+    def __init__(self, samples: Sequence[Sample], images_root: Path, task: ClipTask, seed: int):
+        self.samples, self.root, self.task, self.seed, self.epoch = list(samples), Path(images_root), task, seed, 0
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -74,11 +76,11 @@ class PairDataset(Dataset):
         except ImageReadError as exc:
             log.warning("skipped in training: %s", exc)
             return None
-        return self.encoder.train_preprocess(image), caption
+        return self.task.train_transform(image), caption
 
     def collate(self, items):
         items = [item for item in items if item is not None]
-        return torch.stack([pixels for pixels, _ in items]), self.encoder.tokenize([text for _, text in items])
+        return torch.stack([pixels for pixels, _ in items]), self.task.tokenize([text for _, text in items])
 
 
 def _captioned(samples: Sequence[Sample], images_root: Path, what: str) -> list[Sample]:
@@ -91,14 +93,15 @@ def _captioned(samples: Sequence[Sample], images_root: Path, what: str) -> list[
     return usable
 
 
-def validate(encoder: OpenClipEncoder, samples: Sequence[Sample], images_root: Path) -> dict:
-    """Recall@k of the current weights on a validation split (exact search, same metric code as `search eval`)."""
-    encoder.model.eval()
+def validate(encoder: Encoder, samples: Sequence[Sample], images_root: Path) -> dict:
+    """Recall@k of the current weights on a validation split (exact search, same metric code as `search eval`), in
+    training.json's "val" shape. A loaded encoder is in eval mode; the Trainer switches its model to eval mode before
+    it validates."""
     images = [load_image(Path(images_root) / s.image) for s in samples]
     image_vectors = encoder.encode_images(images)
     texts = [c for s in samples for c in s.captions]
     truth = np.repeat(np.arange(len(samples)), [len(s.captions) for s in samples])
-    return retrieval_metrics(image_vectors, encoder.encode_texts(texts), truth)
+    return retrieval_metrics(image_vectors, encoder.encode_texts(texts), truth).to_json()
 
 
 def _schedule(optimizer, total_steps: int, warmup_steps: int):
@@ -110,24 +113,18 @@ def _schedule(optimizer, total_steps: int, warmup_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """No weight decay on gains, biases, embeddings and the temperature (open_clip's convention)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        flat = param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
-        (no_decay if flat else decay).append(param)
-    return torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}],
-                             lr=lr, betas=(0.9, 0.98), eps=1e-6)
+def _optimizer(task: ClipTask, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW as open_clip trains CLIP; the task says which parameters get no weight decay."""
+    return torch.optim.AdamW(task.parameter_groups(weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
 
 
 class Trainer:
-    def __init__(self, encoder: OpenClipEncoder, train: Sequence[Sample], val: Sequence[Sample] | None,
+    def __init__(self, task: ClipTask, train: Sequence[Sample], val: Sequence[Sample] | None,
                  images_root: Path, out: Path, config: FinetuneConfig, source: dict, from_random: bool,
                  recipe: dict | None = None):
-        """`recipe`: anything the caller wants recorded with the run in training.json (the demo's recipe)."""
-        self.encoder, self.config, self.out, self.root = encoder, config, Path(out), Path(images_root)
+        """`task`: the model to train (from `load_for_training`); the Trainer reaches it only through that wrapper.
+        `recipe`: anything the caller wants recorded with the run in training.json (the demo's recipe)."""
+        self.task, self.config, self.out, self.root = task, config, Path(out), Path(images_root)
         self.train_samples = _captioned(train, images_root, "training")
         self.val_samples = _captioned(val, images_root, "validation")[:config.max_val_images] if val else None
         if config.batch_size % config.accum_steps:
@@ -136,23 +133,23 @@ class Trainer:
             raise DatasetError(f"the training split has {len(self.train_samples)} captioned images, fewer than one "
                                f"batch of {config.batch_size}; lower --batch-size")
         torch.manual_seed(config.seed)
-        encoder.lock_towers(config.lock_image, config.lock_text)
-        if not any(p.requires_grad for n, p in encoder.model.named_parameters() if not n.startswith("logit_")):
+        task.lock_towers(config.lock_image, config.lock_text)
+        if not task.trains_a_tower():
             raise EngineError("both towers are locked: nothing to train (the temperature alone changes no ranking)")
         self.lr = config.lr or (5e-4 if from_random else 1e-5)
-        self.dataset = PairDataset(self.train_samples, images_root, encoder, config.seed)
+        self.dataset = PairDataset(self.train_samples, images_root, task, config.seed)
         self.steps_per_epoch = len(self.train_samples) // config.batch_size
         if config.max_steps is not None and config.max_steps < 1:
             raise EngineError("--max-steps must be at least 1")
         self.total_steps = min(self.steps_per_epoch * config.epochs, config.max_steps or math.inf)
-        self.optimizer = _optimizer(encoder.model, self.lr, config.weight_decay)
+        self.optimizer = _optimizer(task, self.lr, config.weight_decay)
         self.scheduler = _schedule(self.optimizer, self.total_steps, max(1, int(self.total_steps * config.warmup)))
-        cuda = encoder.device.type == "cuda"
+        cuda = task.device.type == "cuda"
         self.autocast_dtype = (torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
-        self.loss_fn = encoder.contrastive_loss()
-        base = encoder.spec.to_dict()
-        if base["model"] == f"local-dir:{(self.out / STATE_DIR / 'init').resolve()}":
+        self.loss_fn = task.contrastive_loss()
+        base = task.spec.to_dict()
+        if base["model"] == f"{LOCAL_DIR_PREFIX}{(self.out / STATE_DIR / 'init').resolve()}":
             base["model"] = OWN_INIT  # not an absolute path: the folder may be swapped into place elsewhere
         self.run = {"base_model": base, "from_random": from_random, "source": source,
                     "config": {**asdict(config), "lr": self.lr}, "planned_steps": self.total_steps, "steps": 0,
@@ -164,9 +161,9 @@ class Trainer:
 
     def _forward(self, pixels, tokens):
         if self.autocast_dtype is None:
-            return self.encoder.forward_features(pixels, tokens)
+            return self.task.forward_features(pixels, tokens)
         with torch.autocast("cuda", dtype=self.autocast_dtype):
-            return self.encoder.forward_features(pixels, tokens)
+            return self.task.forward_features(pixels, tokens)
 
     def _backward(self, loss) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -197,14 +194,16 @@ class Trainer:
         else:
             self.optimizer.step()
         self.scheduler.step()
-        self.encoder.clamp_logit_scale()
+        self.task.clamp_logit_scale()
         return value
 
     # -- epochs, checkpoints ----------------------------------------------------------------------------------------
 
-    def fit(self) -> dict:
+    def fit(self, on_epoch: Callable[[dict], None] | None = None) -> dict:
         """Train until `total_steps` optimisation steps are done in all (a resumed run counts its earlier ones);
-        validate and checkpoint after every epoch, and after the last, possibly partial, one."""
+        validate and checkpoint after every epoch, and after the last, possibly partial, one. `on_epoch(record)`, when
+        given, is called after each epoch's checkpoint with its training.json history record, the model in eval mode
+        (e.g. a benchmark measuring test recall against training time); the next epoch switches back to train mode."""
         started = time.perf_counter()
         # one bar over every step of the run, so its ETA is for the whole training; smoothing 0 = the mean rate so
         # far, validation pauses included
@@ -215,6 +214,8 @@ class Trainer:
                 if self.run["steps"] >= self.total_steps:
                     break
                 self._epoch(epoch, started, bar)
+                if on_epoch is not None:
+                    on_epoch(self.run["history"][-1])
         return self.run
 
     def _epoch(self, epoch: int, started: float, bar: tqdm) -> None:
@@ -224,7 +225,7 @@ class Trainer:
                             num_workers=self.config.workers, collate_fn=self.dataset.collate,
                             generator=torch.Generator().manual_seed(self.config.seed * 1000 + epoch),
                             worker_init_fn=lambda _: torch.set_num_threads(1))
-        self.encoder.model.train()
+        self.task.train()
         tick, losses, pairs = time.perf_counter(), [], 0
         for pixels, tokens in loader:
             losses.append(self.step(pixels, tokens))
@@ -238,8 +239,9 @@ class Trainer:
         record = {"epoch": epoch, "steps": len(losses), "loss": float(np.mean(losses)) if losses else None,
                   "seconds": round(seconds, 2), "pairs_per_second": round(pairs / seconds, 1) if seconds else None,
                   "lr": self.scheduler.get_last_lr()[-1], "elapsed_seconds": round(time.perf_counter() - started, 1)}
+        self.task.eval()  # also for whatever the caller does with the model between epochs
         if self.val_samples:
-            record["val"] = validate(self.encoder, self.val_samples, self.root)
+            record["val"] = validate(self.task.encoder, self.val_samples, self.root)
         self.run["history"].append(record)
         with tqdm.external_write_mode(file=sys.stderr):  # the log line above the bar, not through it
             log.info("epoch %d (step %d of %d): %s", epoch, self.run["steps"], self.total_steps, _describe(record))
@@ -252,15 +254,13 @@ class Trainer:
         if score > self.best_score:
             self.best_score = score
             self.run["best_epoch"] = epoch
-            _replace_folder(self.out, lambda tmp: save_local_dir(self.encoder, tmp, self.encoder.model_config()),
-                            keep=(STATE_DIR,))
-        (self.out / RUN_FILE).write_text(json.dumps(self.run, indent=2), encoding="utf-8")
-        state = {"epoch": epoch, "model": self.encoder.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            replace_dir(self.out, self.task.save, keep=(STATE_DIR,))
+        write_atomic(self.out / RUN_FILE, json.dumps(self.run, indent=2))
+        state = {"epoch": epoch, "model": self.task.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "best_score": self.best_score, "run": self.run,
                  "scaler": self.scaler.state_dict() if self.scaler else None}
         (self.out / STATE_DIR).mkdir(exist_ok=True)
-        torch.save(state, self.out / STATE_DIR / "state.tmp")
-        (self.out / STATE_DIR / "state.tmp").replace(self.out / STATE_DIR / "state.pt")
+        write_atomic(self.out / STATE_DIR / "state.pt", lambda tmp: torch.save(state, tmp))
 
     def resume(self) -> None:
         """Continue from the state saved after the last epoch (a run stopped mid-epoch by its step budget and resumed
@@ -268,10 +268,10 @@ class Trainer:
         path = self.out / STATE_DIR / "state.pt"
         if not path.is_file():
             raise EngineError(f"nothing to resume in {self.out} (no {STATE_DIR}/state.pt)")
-        state = torch.load(path, map_location=self.encoder.device, weights_only=False)
+        state = torch.load(path, map_location=self.task.device, weights_only=False)
         if state["run"]["base_model"] != self.run["base_model"] or state["run"]["source"] != self.run["source"]:
             raise EngineError(f"{self.out} holds a run with another model or dataset; resume with the same arguments")
-        self.encoder.model.load_state_dict(state["model"])
+        self.task.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler and state.get("scaler"):
@@ -287,33 +287,20 @@ class Trainer:
 def _describe(record: dict) -> str:
     text = f"loss {record['loss']:.4f}, {record['seconds']:.0f} s, {record['pairs_per_second']} pairs/s"
     if "val" in record:
-        v = record["val"]
-        text += (f"; val text→image R@1/5/10 {v['text_to_image']['R@1']:.1f}/{v['text_to_image']['R@5']:.1f}/"
-                 f"{v['text_to_image']['R@10']:.1f}, image→text {v['image_to_text']['R@1']:.1f}/"
-                 f"{v['image_to_text']['R@5']:.1f}/{v['image_to_text']['R@10']:.1f}")
+        text += f"; val {RetrievalRecall.from_json(record['val']).format()}"
     return text
 
 
-def _replace_folder(out: Path, write, keep: tuple[str, ...] = ()) -> None:
-    """Write a model folder beside `out` and swap it in, carrying over the entries named in `keep`."""
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    for name in keep:
-        if (out / name).exists():
-            (out / name).rename(tmp / name)
-    swap_into_place(tmp, out)
-
-
-def load_for_training(model: str, pretrained: str | None, out: Path, device: str | None, seed: int):
-    """The encoder to start from and whether its weights are random. `model` may be an open_clip model config JSON
-    file: a custom architecture, randomly initialised (kept in the run's state folder so --resume finds it)."""
+def load_for_training(model: str, pretrained: str | None, out: Path, device: str | None,
+                      seed: int) -> tuple[ClipTask, bool]:
+    """The model to start from, as the training wrapper the Trainer takes, and whether its weights are random.
+    `model` may be an open_clip model config JSON file: a custom architecture, randomly initialised (kept in the
+    run's state folder so --resume finds it)."""
     if model.endswith(".json") and Path(model).is_file():
         config = json.loads(Path(model).read_text(encoding="utf-8"))
         folder = out / STATE_DIR / "init"
-        if not (folder / "open_clip_config.json").is_file():
+        if not (folder / CONFIG_FILE).is_file():
             init_local_dir(config.get("model_cfg", config), folder, seed)
-        model, pretrained = f"local-dir:{folder}", None
-        return create_encoder(EncoderSpec.from_args(model, pretrained), device=device), True
+        return ClipTask.load(EncoderSpec.from_args(f"{LOCAL_DIR_PREFIX}{folder}", None), device=device), True
     spec = EncoderSpec.from_args(model, pretrained)
-    return create_encoder(spec, device=device), spec.pretrained == "none"
+    return ClipTask.load(spec, device=device), spec.pretrained == "none"

@@ -22,6 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 from search.errors import EngineError, WriterBusyError
+from search.layout import lock_file
 
 # A refused writer may read the lock file between the holder's flock and its write of the details: re-read briefly.
 HOLDER_READ_TRIES = 20
@@ -34,8 +35,7 @@ _guard = threading.Lock()
 
 def lock_path(target: Path | str) -> Path:
     """`PARENT/.NAME.lock` for the target `PARENT/NAME` (an index, a model folder, the demo folder)."""
-    target = Path(os.path.abspath(target))
-    return target.parent / f".{target.name}.lock"
+    return lock_file(os.path.abspath(target))
 
 
 def _command_line() -> str:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from search.encoders import LOCAL_DIR_PREFIX
 from search.errors import IndexExistsError
+from search.openclip import CONFIG_FILE
 
 STATE_DIR = ".resume"
 STATE_FILE = "state.pt"
 RUN_FILE = "training.json"
-MODEL_CONFIG = "open_clip_config.json"
-OWN_INIT = f"local-dir:{STATE_DIR}/init"  # a random initialisation kept inside the run's folder (moves with it)
+OWN_INIT = f"{LOCAL_DIR_PREFIX}{STATE_DIR}/init"  # a random initialisation kept inside the run's folder (moves with it)
 
 
 def work_dir(out: Path) -> Path:
@@ -38,7 +39,7 @@ def training_folder(out: Path, resume: bool, overwrite: bool) -> Path:
     if resume:
         return work if has_resumable_state(work) else out
     if out.exists() and any(out.iterdir()):
-        if not ((out / MODEL_CONFIG).is_file() or (out / STATE_DIR).is_dir()):  # --overwrite would not help
+        if not ((out / CONFIG_FILE).is_file() or (out / STATE_DIR).is_dir()):  # --overwrite would not help
             raise IndexExistsError(f"{out} is a non-empty directory that is not a model folder; choose another --out "
                                    f"(only a model folder is ever replaced)")
         if not overwrite:

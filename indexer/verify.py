@@ -2,7 +2,6 @@
 the model and files they came from."""
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import numpy as np
 from search.encoders import create_encoder
 from search.errors import EngineError, ImageReadError
 from search.images import load_image
+from search.layout import KINDS
 from search.store import StoredIndex, open_index
 
 # re-encoding the same input with the same weights agrees to float rounding in fp32; lower precisions drift a little
@@ -34,16 +34,13 @@ def info(path: Path) -> dict:
     size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
     return {"path": str(Path(path).resolve()), "format_version": m.format_version, "model": str(m.encoder),
             "fingerprint": m.fingerprint, "precision": m.precision, "dim": m.dim, "metric": m.metric,
-            "images": m.n_images, "captions": m.n_captions, "indexes": m.indexes or
-            {"images": {"factory": m.image_factory}, "captions": {"factory": m.caption_factory}},
+            "images": m.n_images, "captions": m.n_captions, "indexes": {kind: m.index_report(kind) for kind in KINDS},
             "source": m.source, "skipped": len(m.skipped), "created": m.created, "disk_bytes": size}
 
 
 def _structure(index: StoredIndex, report: Verification) -> None:
     m = index.manifest
-    with sqlite3.connect(f"file:{index.catalog.path}?mode=ro", uri=True) as db:
-        image_ids = [row[0] for row in db.execute("SELECT id FROM images ORDER BY id")]
-        caption_rows = db.execute("SELECT id, image_id FROM captions ORDER BY id").fetchall()
+    image_ids, caption_rows = index.catalog.image_ids(), index.catalog.caption_links()
     report.check(image_ids == list(range(m.n_images)), f"catalog holds images 0..{m.n_images - 1}",
                  f"catalog holds {len(image_ids)} images with ids {image_ids[:3]}…, manifest says {m.n_images}")
     report.check([r[0] for r in caption_rows] == list(range(m.n_captions)),

@@ -4,7 +4,8 @@ renames it into place on commit, so readers see either the old index or the comp
 Write-ahead for resume: after every batch the vectors are appended to raw files and fsync'd, the catalog commits, and
 `progress.json` is replaced atomically. The progress file is the truth: on resume, rows past it (a batch that was
 being written when the process died) are cut off. A failure (bad data) deletes the work directory; an interruption
-(Ctrl-C, kill -9, power loss) leaves it for `--resume`.
+(Ctrl-C, kill -9, power loss) leaves it for `--resume`, and `resume_progress` says whether there is one.
+File names: search/layout.py.
 
 One writer at a time: the writer holds `WriterLock(out)` (indexer/lock.py) from before it looks at the target until
 the block is left, so a second writer is refused instead of discarding a work directory a live process is filling.
@@ -15,18 +16,18 @@ import json
 import logging
 import os
 import shutil
-import sqlite3
-import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from search.catalog import CATALOG_NAME, CatalogWriter, FileInfo
+from search.atomic import TEMP_SUFFIX, swap_into_place, write_atomic
+from search.catalog import CatalogWriter, FileInfo
 from search.errors import EngineError, IndexExistsError
-from search.manifest import MANIFEST_NAME, Manifest
-from search.store import CAPTION_INDEX, CAPTION_VECTORS, IMAGE_INDEX, IMAGE_VECTORS
+from search.layout import (CATALOG_NAME, FAISS_FILES, KINDS, MANIFEST_NAME, PROGRESS_NAME, RAW_VECTOR_FILES,
+                           VECTOR_FILES, partial_dir)
+from search.manifest import Manifest
 from search.index_choice import IndexOptions, build_tuned
 
 from .lock import WriterLock
@@ -48,24 +49,18 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         raise IndexExistsError(f"{out} already exists; pass --overwrite to replace it")
 
 
-def swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished directory `tmp` to `out`, replacing what was there: `out` is never missing for more than
-    the instant between two renames, and never half written."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        out.rename(old / out.name)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-PROGRESS = "progress.json"
-RAW_VECTORS = {"images": "image_vectors.f32", "captions": "caption_vectors.f32"}
-
-
-def partial_dir(out: Path) -> Path:
-    return Path(out).parent / f".{Path(out).name}.partial"
+def resume_progress(out: Path) -> dict:
+    """The progress record of the interrupted build or update of `out` that a resume continues from; EngineError when
+    there is none. The CLI asks before it loads a model, the writer again when it reopens the work directory (which
+    also requires the same job)."""
+    work = partial_dir(out)
+    try:
+        progress = json.loads((work / PROGRESS_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        progress = None
+    if not isinstance(progress, dict):
+        raise EngineError(f"nothing to resume for {out}: no interrupted build in {work}")
+    return progress
 
 
 class IndexWriter:
@@ -100,25 +95,19 @@ class IndexWriter:
                 shutil.rmtree(self.tmp)
             self.tmp.mkdir()
             self.catalog = CatalogWriter(self.tmp / CATALOG_NAME)
-        self._raw = {kind: (self.tmp / name).open("ab") for kind, name in RAW_VECTORS.items()}
+        self._raw = {kind: (self.tmp / name).open("ab") for kind, name in RAW_VECTOR_FILES.items()}
         self.committed = False
 
     def _reopen(self) -> None:
-        try:
-            progress = json.loads((self.tmp / PROGRESS).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            raise EngineError(f"nothing to resume for {self.out} (no interrupted build in {self.tmp})") from None
+        progress = resume_progress(self.out)
         if progress["job"] != self.job:
             raise EngineError(f"the interrupted build in {self.tmp} used other arguments; run it again without "
                               f"--resume to start over")
         n_images, n_captions = progress["n_images"], progress["n_captions"]
-        with sqlite3.connect(self.tmp / CATALOG_NAME) as db:  # rows of a batch that never reached the progress file
-            db.execute("DELETE FROM images WHERE id >= ?", (n_images,))
-            db.execute("DELETE FROM captions WHERE id >= ?", (n_captions,))
-        for kind, rows in (("images", n_images), ("captions", n_captions)):
-            with (self.tmp / RAW_VECTORS[kind]).open("ab") as raw:
+        for kind, rows in (("images", n_images), ("captions", n_captions)):  # cut a batch the record never reached
+            with (self.tmp / RAW_VECTOR_FILES[kind]).open("ab") as raw:
                 raw.truncate(rows * self.dim * 4)
-        self.catalog = CatalogWriter(self.tmp / CATALOG_NAME, n_images, n_captions)
+        self.catalog = CatalogWriter(self.tmp / CATALOG_NAME, n_images, n_captions)  # cuts its rows past the counts
         self.samples_done, self.skipped = progress["samples_done"], progress["skipped"]
         log.info("resuming after %d samples (%d images indexed)", self.samples_done, n_images)
 
@@ -131,7 +120,7 @@ class IndexWriter:
                 return
             for raw in self._raw.values():
                 raw.close()
-            self.catalog.conn.close()
+            self.catalog.close(commit=False)
             if exc_type is not None and not issubclass(exc_type, KeyboardInterrupt):
                 shutil.rmtree(self.tmp, ignore_errors=True)  # a failure, not an interruption: nothing to resume
         finally:
@@ -159,15 +148,13 @@ class IndexWriter:
         for raw in self._raw.values():
             raw.flush()
             os.fsync(raw.fileno())
-        self.catalog.conn.commit()
+        self.catalog.commit()
         progress = {"samples_done": samples_done, "n_images": self.n_images, "n_captions": self.n_captions,
                     "skipped": skipped, "job": self.job}
-        tmp = self.tmp / (PROGRESS + ".tmp")
-        tmp.write_text(json.dumps(progress), encoding="utf-8")
-        os.replace(tmp, self.tmp / PROGRESS)
+        write_atomic(self.tmp / PROGRESS_NAME, json.dumps(progress))
 
     def _vectors(self, kind: str) -> np.ndarray:
-        return np.fromfile(self.tmp / RAW_VECTORS[kind], np.float32).reshape(-1, self.dim)
+        return np.fromfile(self.tmp / RAW_VECTOR_FILES[kind], np.float32).reshape(-1, self.dim)
 
     def commit(self, manifest: Manifest, options: IndexOptions = IndexOptions()) -> Manifest:
         """Write vectors, choose/train/tune and write the FAISS indexes, write the manifest (last, with the chosen
@@ -175,25 +162,26 @@ class IndexWriter:
         for raw in self._raw.values():
             raw.close()
         self.catalog.close()
-        images, captions = self._vectors("images"), self._vectors("captions")
-        total = max(1, len(images) + len(captions))
+        vectors = {kind: self._vectors(kind) for kind in KINDS}
+        total = max(1, sum(len(v) for v in vectors.values()))
         reports = {}
-        for kind, vectors, queries, index_name, vectors_name in (
-                ("images", images, captions, IMAGE_INDEX, IMAGE_VECTORS),
-                ("captions", captions, images, CAPTION_INDEX, CAPTION_VECTORS)):
-            np.save(self.tmp / vectors_name, vectors)
-            budget = options.memory_budget and options.memory_budget * len(vectors) // total  # shared by count
-            index, report = build_tuned(vectors, options.factory, budget, options.target_recall, queries,
+        for kind, other in zip(KINDS, reversed(KINDS)):  # each index is tuned on queries of the other kind
+            np.save(self.tmp / VECTOR_FILES[kind], vectors[kind])
+            budget = options.memory_budget and options.memory_budget * len(vectors[kind]) // total  # shared by count
+            index, report = build_tuned(vectors[kind], options.factory, budget, options.target_recall, vectors[other],
                                         manifest.metric)
-            index.save(self.tmp / index_name)
+            index.save(self.tmp / FAISS_FILES[kind])
             reports[kind] = asdict(report)
             if report.params:
                 log.info("%s index %s tuned to %s: recall@10 %.3f against exact search", kind, report.factory,
                          report.params, report.recall_at_10)
-        manifest = replace(manifest, image_factory=reports["images"]["factory"],
-                           caption_factory=reports["captions"]["factory"], indexes=reports)
-        for name in (*RAW_VECTORS.values(), PROGRESS):
+        factories = {kind: report.pop("factory") for kind, report in reports.items()}  # stored once, on its own
+        manifest = replace(manifest, image_factory=factories["images"], caption_factory=factories["captions"],
+                           indexes=reports)
+        for name in (*RAW_VECTOR_FILES.values(), PROGRESS_NAME):
             (self.tmp / name).unlink(missing_ok=True)
+        for stray in self.tmp.glob(f".*{TEMP_SUFFIX}"):  # a progress record a kill interrupted mid-write
+            stray.unlink(missing_ok=True)
         manifest.write(self.tmp)
         swap_into_place(self.tmp, self.out)
         self.committed = True

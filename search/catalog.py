@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-CATALOG_NAME = "catalog.sqlite"
-
 SCHEMA = """
 CREATE TABLE images (id INTEGER PRIMARY KEY, path TEXT NOT NULL UNIQUE, width INTEGER, height INTEGER,
                      size INTEGER, mtime_ns INTEGER, sha1 TEXT);
@@ -49,13 +47,18 @@ class CaptionRecord:
 
 
 class CatalogWriter:
-    """Appends images and captions with consecutive ids starting at 0."""
+    """Appends images and captions with consecutive ids starting at 0; nothing is durable before `commit()`."""
 
     def __init__(self, path: Path, n_images: int = 0, n_captions: int = 0):
-        """A new catalog, or (with counts) one being continued after an interruption."""
+        """A new catalog, or (with counts) one being continued after an interruption: rows past the counts (a batch
+        whose progress was never recorded) are dropped."""
         self.conn = sqlite3.connect(path)
         if not n_images and not n_captions:
             self.conn.executescript("DROP TABLE IF EXISTS captions; DROP TABLE IF EXISTS images;" + SCHEMA)
+        else:
+            with self.conn:
+                self.conn.execute("DELETE FROM images WHERE id >= ?", (n_images,))
+                self.conn.execute("DELETE FROM captions WHERE id >= ?", (n_captions,))
         self.n_images = n_images
         self.n_captions = n_captions
 
@@ -72,8 +75,13 @@ class CatalogWriter:
         self.n_captions += len(captions)
         return image_id, caption_ids
 
-    def close(self) -> None:
+    def commit(self) -> None:
         self.conn.commit()
+
+    def close(self, commit: bool = True) -> None:
+        """Commit (or, with commit=False, drop what was added since the last commit) and close."""
+        if commit:
+            self.conn.commit()
         self.conn.close()
 
 
@@ -111,6 +119,14 @@ class Catalog:
         ids = [int(i) for i in ids]
         rows = self._select("SELECT id, image_id, text FROM captions WHERE id IN ({})", ids)
         return {row[0]: CaptionRecord(*row) for row in rows}
+
+    def image_ids(self) -> list[int]:
+        """Every image id, ascending (an intact catalog holds 0..n_images-1)."""
+        return [row[0] for row in self._rows("SELECT id FROM images ORDER BY id")]
+
+    def caption_links(self) -> list[tuple[int, int]]:
+        """(caption id, image id) of every caption, in caption id order."""
+        return [(row[0], row[1]) for row in self._rows("SELECT id, image_id FROM captions ORDER BY id")]
 
     def caption_image_ids(self) -> list[int]:
         """image id of every caption, in caption id order (the ground truth for recall@k)."""

@@ -10,7 +10,7 @@ from typing import Sequence
 
 from .cli_common import CliParser, add_model_args, run_cli
 from .images import ImageSource, load_image
-from .evaluation import evaluate, format_metrics
+from .evaluation import evaluate
 from .metrics import TIES
 from .searcher import TARGETS, SearchConfig, Searcher, check_paging, checked_text
 from .store import open_index
@@ -43,7 +43,7 @@ def _query(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     metrics = evaluate(open_index(args.index), ties=args.ties)
-    print(json.dumps(metrics, indent=2) if args.json else format_metrics(metrics))
+    print(json.dumps(metrics.to_json(), indent=2) if args.json else metrics.format())
     return 0
 
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
-from .encoders import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from .encoders import DEFAULT_MODEL, DEFAULT_PRETRAINED, HF_HUB_PREFIX, LOCAL_DIR_PREFIX, PRECISIONS
 from .errors import EngineError
 
 EXIT_ERROR = 1
@@ -39,12 +39,13 @@ class CliParser(argparse.ArgumentParser):
 def add_model_args(parser: argparse.ArgumentParser, default_from_index: bool = False) -> None:
     where = "the model the index was built with" if default_from_index else f"{DEFAULT_MODEL}"
     parser.add_argument("--model", default=None,
-                        help=f"open_clip model name, local-dir:PATH or hf-hub:ORG/REPO (default: {where})")
+                        help=f"open_clip model name, {LOCAL_DIR_PREFIX}PATH or {HF_HUB_PREFIX}ORG/REPO "
+                             f"(default: {where})")
     parser.add_argument("--pretrained", default=None,
                         help=f"open_clip pretrained tag, checkpoint file, or 'none' for random weights "
                              f"(default for {DEFAULT_MODEL}: {DEFAULT_PRETRAINED})")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when present, else cpu)")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16", "int8"),
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
                         help="weights format for encoding: int8 = dynamic quantisation of linear layers, fastest on "
                              "CPU; bf16/fp16 for GPUs (default: fp32)")
 
@@ -52,7 +53,7 @@ def add_model_args(parser: argparse.ArgumentParser, default_from_index: bool = F
 def _own_records(record: logging.LogRecord) -> bool:
     """Keep our loggers' records; libraries (open_clip logs on the root logger, huggingface_hub, httpx) explain
     failures that we already report as one line of our own."""
-    return record.name.split(".")[0] in ("search", "indexer", "web", "__main__")
+    return record.name.split(".")[0] in ("search", "indexer", "web", "demo", "__main__")
 
 
 def run_cli(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,

@@ -6,7 +6,6 @@ import a model library. An `EncoderSpec` names a model fully enough to rebuild i
 from __future__ import annotations
 
 import abc
-import importlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -18,7 +17,9 @@ from .errors import ModelLoadError
 
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
-LOCAL_DIR_PREFIX = "local-dir:"
+LOCAL_DIR_PREFIX = "local-dir:"  # --model local-dir:FOLDER, a model folder (open_clip's spelling)
+HF_HUB_PREFIX = "hf-hub:"  # --model hf-hub:ORG/REPO, a model on the Hugging Face hub (open_clip's spelling)
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")  # weights formats an encoder can run in; fp32 is the default
 
 
 @dataclass(frozen=True)
@@ -94,20 +95,18 @@ class Encoder(abc.ABC):
         return self.encode_pixels(np.stack([self.preprocess_image(im) for im in images]))
 
 
-# family → "module:factory"; factories take an EncoderSpec and keyword options. Imported lazily so that the model
-# library is loaded only when a model is actually built.
-_REGISTRY: dict[str, str] = {"open_clip": "search.openclip_encoder:load_open_clip"}
+def _load_open_clip(spec: EncoderSpec, **options) -> Encoder:
+    from .openclip.loading import load_open_clip  # imported when a model is built: torch and open_clip take seconds
+
+    return load_open_clip(spec, **options)
 
 
-def register_encoder(family: str, factory_path: str) -> None:
-    """Make `create_encoder` build specs of `family` with the factory at 'module:function'."""
-    _REGISTRY[family] = factory_path
+# family → loader: (EncoderSpec, device=, batch_size=, precision=) → Encoder, ModelLoadError on any failure
+LOADERS: dict[str, Callable[..., Encoder]] = {"open_clip": _load_open_clip}
 
 
 def create_encoder(spec: EncoderSpec, **options) -> Encoder:
     """Build the encoder a spec names. Raises ModelLoadError with a one-line reason on any failure."""
-    if spec.family not in _REGISTRY:
-        raise ModelLoadError(f"unknown encoder family '{spec.family}' (known: {', '.join(sorted(_REGISTRY))})")
-    module_name, func_name = _REGISTRY[spec.family].split(":")
-    factory: Callable[..., Encoder] = getattr(importlib.import_module(module_name), func_name)
-    return factory(spec, **options)
+    if spec.family not in LOADERS:
+        raise ModelLoadError(f"unknown encoder family '{spec.family}' (known: {', '.join(sorted(LOADERS))})")
+    return LOADERS[spec.family](spec, **options)

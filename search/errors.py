@@ -37,5 +37,13 @@ class QueryError(EngineError):
     """A query is empty, too long or otherwise unusable."""
 
 
+class NotFoundError(EngineError):
+    """No image (or caption) with the given id in the index (the web API's 404)."""
+
+
+class NoCaptionsError(EngineError):
+    """The index holds no captions (it was built from images alone), so caption search and recall are impossible."""
+
+
 class WriterBusyError(EngineError):
     """Another live process (or thread) is writing the same index, model folder or demo folder."""

@@ -16,9 +16,10 @@ import json
 import logging
 import os
 import stat
-import tempfile
 from pathlib import Path
 from typing import Iterable
+
+from .atomic import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +68,8 @@ def _write(entries: dict) -> None:
     path = cache_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(dir=path.parent, prefix=".fingerprints-", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as out:
-                json.dump(entries, out, indent=1)
-            os.replace(temp, path)  # readers see the old or the new file; a lost concurrent update costs one rehash
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
+        # readers see the old or the new file; a lost concurrent update costs one rehash
+        write_atomic(path, json.dumps(entries, indent=1))
     except OSError as exc:
         log.debug("fingerprint cache not written (%s)", exc)
 

@@ -2,6 +2,10 @@
 
 It records the model identity (spec + weights fingerprint), the vector space (dim, metric), the FAISS factory
 strings, counts, the source dataset and what was skipped. Readers check the format version before anything else.
+
+Each FAISS factory string is stored once, as `image_factory` / `caption_factory`; `indexes` holds what else the build
+chose per kind (params, tuned recall@10, bytes). Manifests written before this rule also repeat the factory inside
+`indexes`: the reader drops that copy (same format version, since both forms read the same).
 """
 from __future__ import annotations
 
@@ -9,11 +13,12 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .atomic import write_atomic
 from .encoders import EncoderSpec
 from .errors import IndexFormatError
+from .layout import MANIFEST_NAME
 
 FORMAT_VERSION = 2  # 2: the catalog records each image file's size, mtime and SHA-1
-MANIFEST_NAME = "manifest.json"
 
 
 @dataclass(frozen=True)
@@ -29,10 +34,18 @@ class Manifest:
     source: dict = field(default_factory=dict)  # format, annotations, images root, split
     skipped: tuple = ()  # ({"path": .., "reason": ..}, ...)
     created: str = ""
-    indexes: dict = field(default_factory=dict)  # per kind: factory, params (e.g. nprobe), tuned recall@10, bytes
+    indexes: dict = field(default_factory=dict)  # per kind: params (e.g. nprobe), tuned recall@10, bytes
     precision: str = "fp32"  # what the vectors were encoded with; queries may use another (cosine ~0.999 apart)
     fast_decode: bool = False  # JPEGs decoded at reduced scale (build --fast-decode); update and verify do the same
     format_version: int = FORMAT_VERSION
+
+    def factory(self, kind: str) -> str:
+        """The FAISS factory string of the 'images' or 'captions' index."""
+        return self.image_factory if kind == "images" else self.caption_factory
+
+    def index_report(self, kind: str) -> dict:
+        """What the build chose for the index of `kind`: factory, then params, tuned recall@10, bytes when recorded."""
+        return {"factory": self.factory(kind), **self.indexes.get(kind, {})}
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -53,14 +66,19 @@ class Manifest:
                        metric=data["metric"], image_factory=data["image_factory"],
                        caption_factory=data["caption_factory"], source=data.get("source", {}),
                        skipped=tuple(data.get("skipped", ())), created=data.get("created", ""),
-                       precision=data.get("precision", "fp32"), indexes=data.get("indexes", {}),
+                       precision=data.get("precision", "fp32"), indexes=_without_factories(data.get("indexes", {})),
                        fast_decode=bool(data.get("fast_decode", False)),
                        format_version=version)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise IndexFormatError(f"manifest is missing or has a bad field: {exc}") from None
 
     def write(self, directory: Path) -> None:
-        (directory / MANIFEST_NAME).write_text(self.to_json(), encoding="utf-8")
+        write_atomic(Path(directory) / MANIFEST_NAME, self.to_json())
+
+
+def _without_factories(indexes: dict) -> dict:
+    """`indexes` without the copies of the factory strings that earlier manifests kept there."""
+    return {kind: {k: v for k, v in entry.items() if k != "factory"} for kind, entry in indexes.items()}
 
 
 def read_manifest(directory: Path) -> Manifest:

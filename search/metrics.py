@@ -26,7 +26,8 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 import faiss
 import numpy as np
 
-from .errors import QueryError
+from .errors import NoCaptionsError, QueryError
+from .recall import Recall, RetrievalMetrics, RetrievalRecall
 
 KS = (1, 5, 10)
 TIES = ("clip_benchmark", "position", "strict")
@@ -159,16 +160,13 @@ def _direction(queries: str, images: np.ndarray, captions: np.ndarray, caption_i
     return ranks, hits, index_hits
 
 
-def _recall(hits: np.ndarray, ks: tuple[int, ...]) -> dict:
+def _recall(hits: np.ndarray, ks: tuple[int, ...]) -> dict[int, float]:
     """R@k as the exact percentage 100 * hits / queries (unrounded, to compare with other tools)."""
-    return {f"R@{k}": 100 * int(np.sum(hits[:, j])) / len(hits) for j, k in enumerate(ks)}
+    return {k: 100 * int(np.sum(hits[:, j])) / len(hits) for j, k in enumerate(ks)}
 
 
-def summarize(ranks: np.ndarray, hits: np.ndarray, ks: tuple[int, ...] = KS) -> dict:
-    summary = _recall(hits, ks)
-    summary["mean_rank"] = round(float(np.mean(ranks)), 4)
-    summary["median_rank"] = float(np.median(ranks))
-    return summary
+def summarize(ranks: np.ndarray, hits: np.ndarray, ks: tuple[int, ...] = KS) -> Recall:
+    return Recall(_recall(hits, ks), round(float(np.mean(ranks)), 4), float(np.median(ranks)))
 
 
 def repeated_texts(texts: Iterable[str]) -> dict:
@@ -233,32 +231,33 @@ def _index_hits(index, queries: np.ndarray, exact: np.ndarray, own: np.ndarray, 
 
 
 def retrieval_metrics(image_vectors: np.ndarray, caption_vectors: np.ndarray, caption_image_ids: np.ndarray,
-                      ks: tuple[int, ...] = KS, ties: str = "clip_benchmark", indexes: tuple | None = None) -> dict:
-    """Recall@k (percent), mean and median rank in both directions, in `search eval --json`'s shape. With `indexes`
-    (the FAISS image and caption indexes) also recall through them, under "index_search" (see index_recall)."""
+                      ks: tuple[int, ...] = KS, ties: str = "clip_benchmark",
+                      indexes: tuple | None = None) -> RetrievalMetrics:
+    """Recall@k (percent), mean and median rank in both directions (`to_json()`: `search eval --json`'s shape).
+    With `indexes` (the FAISS image and caption indexes) also recall through them, as `index_search` (see
+    index_recall). NoCaptionsError without captions."""
     check_ties(ties)
     caption_image_ids = np.asarray(caption_image_ids, np.int64)
     if len(caption_vectors) == 0:
-        raise QueryError("the index has no captions, so recall cannot be measured (index a captioned dataset)")
+        raise NoCaptionsError("the index has no captions, so recall cannot be measured (index a captioned dataset)")
     images, captions = np.asarray(image_vectors, np.float32), np.asarray(caption_vectors, np.float32)
-    metrics, searched = {}, {}
+    exact, searched = {}, {}
     for direction, queries, index in (("text_to_image", "captions", indexes[0] if indexes else None),
                                       ("image_to_text", "images", indexes[1] if indexes else None)):
         ranks, hits, index_hits = _direction(queries, images, captions, caption_image_ids, ks, ties, index)
-        metrics[direction] = summarize(ranks, hits, ks)
+        exact[direction] = summarize(ranks, hits, ks)
         if index_hits is not None:
-            searched[direction] = _recall(index_hits, ks)
-    metrics.update({"n_images": int(len(images)), "n_captions": int(len(captions)), "ties": ties})
-    if indexes:
-        metrics["index_search"] = searched
-    return metrics
+            searched[direction] = Recall(_recall(index_hits, ks))
+    return RetrievalMetrics(RetrievalRecall(**exact), int(len(images)), int(len(captions)), ties,
+                            RetrievalRecall(**searched) if indexes else None)
 
 
 def index_recall(image_index, caption_index, image_vectors: np.ndarray, caption_vectors: np.ndarray,
-                 caption_image_ids: np.ndarray, ks: tuple[int, ...] = KS, ties: str = "clip_benchmark") -> dict:
+                 caption_image_ids: np.ndarray, ks: tuple[int, ...] = KS,
+                 ties: str = "clip_benchmark") -> RetrievalRecall:
     """Recall@k when the FAISS indexes in use answer the queries (approximate ones may miss), ranked like the exact
     numbers so that an exact index gives exactly the exact numbers: FAISS is asked for more than max(ks) candidates
     (for more while equal scores straddle the last one returned), and the candidates of indexes holding full vectors
     are re-scored exactly. Ranks beyond max(ks) are not known, so only recall is reported."""
     return retrieval_metrics(image_vectors, caption_vectors, caption_image_ids, ks, ties,
-                             (image_index, caption_index))["index_search"]
+                             (image_index, caption_index)).index_search

@@ -13,12 +13,20 @@ from typing import Callable
 
 import numpy as np
 
+from .catalog import ImageRecord
 from .encoders import Encoder, EncoderSpec, create_encoder
-from .errors import QueryError
+from .errors import NoCaptionsError, NotFoundError, QueryError
 from .images import DEFAULT_MAX_MEGAPIXELS, ImageSource, load_image
 from .store import StoredIndex, open_index
 
 TARGETS = ("images", "captions")
+
+# how model calls are made: `run_model(fn)` calls fn() and returns its vectors; a server may route them to one thread
+ModelRunner = Callable[[Callable[[], np.ndarray]], np.ndarray]
+
+
+def run_inline(fn: Callable[[], np.ndarray]) -> np.ndarray:
+    return fn()
 
 
 @dataclass(frozen=True)
@@ -67,24 +75,36 @@ class Hit:
         return {"rank": self.rank, "score": round(self.score, 6), "image": self.image, "captions": list(self.captions)}
 
 
+@dataclass(frozen=True)
+class IndexedImage:
+    """One catalog image as one version of the index knows it: its record, its captions and the image folder that
+    version recorded at build time (None when it records none)."""
+
+    record: ImageRecord
+    captions: tuple[str, ...]
+    recorded_root: str | None
+
+
 class Searcher:
-    def __init__(self, index: StoredIndex, encoder: Encoder, config: SearchConfig = SearchConfig()):
+    def __init__(self, index: StoredIndex, encoder: Encoder, config: SearchConfig = SearchConfig(),
+                 run_model: ModelRunner = run_inline):
+        """`run_model` makes every model call (always under the searcher's lock): inline by default."""
         index.check_encoder(encoder)
-        self.index = index
+        self.index = index  # the version serving now; each query reads it once (see `reopen`)
         self.encoder = encoder
         self.config = config
         self._lock = threading.Lock()
-        # how model calls are made: inline under the lock by default; a server may route them to one thread
-        self.run_model: Callable[[Callable[[], np.ndarray]], np.ndarray] = lambda fn: fn()
+        self._run_model = run_model
         self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
 
     @classmethod
     def open(cls, index_dir: Path | str, model: str | None = None, pretrained: str | None = None,
-             device: str | None = None, config: SearchConfig = SearchConfig(), precision: str = "fp32") -> "Searcher":
+             device: str | None = None, config: SearchConfig = SearchConfig(), precision: str = "fp32",
+             run_model: ModelRunner = run_inline) -> "Searcher":
         """Open an index with the model it was built with, or with `model`/`pretrained` (which must match)."""
         index = open_index(index_dir)
         spec = index.manifest.encoder if model is None else EncoderSpec.from_args(model, pretrained)
-        return cls(index, create_encoder(spec, device=device, precision=precision), config)
+        return cls(index, create_encoder(spec, device=device, precision=precision), config, run_model)
 
     # -- query encoding ---------------------------------------------------------------------------------------------
 
@@ -95,7 +115,7 @@ class Searcher:
             if cached is not None:
                 self._text_cache.move_to_end(text)
                 return cached
-            vector = self.run_model(lambda: self.encoder.encode_texts([text])[0])
+            vector = self._run_model(lambda: self.encoder.encode_texts([text])[0])
             self._text_cache[text] = vector
             if len(self._text_cache) > self.config.text_cache_size:
                 self._text_cache.popitem(last=False)
@@ -105,7 +125,7 @@ class Searcher:
         decoded = load_image(image, self.config.max_megapixels)
         pixels = self.encoder.preprocess_image(decoded)[None]
         with self._lock:
-            return self.run_model(lambda: self.encoder.encode_pixels(pixels)[0])
+            return self._run_model(lambda: self.encoder.encode_pixels(pixels)[0])
 
     # -- search -----------------------------------------------------------------------------------------------------
 
@@ -118,12 +138,33 @@ class Searcher:
         return self.search_vector(vector, target=target, k=k, offset=offset)
 
     def search_vector(self, vector: np.ndarray, target: str = "images", k: int = 10, offset: int = 0) -> list[Hit]:
+        return self._search(self.index, vector, target, k, offset)
+
+    def similar(self, image_id: int, k: int = 10, offset: int = 0) -> list[Hit]:
+        """More like indexed image `image_id`: the images nearest to its stored vector (the image itself included;
+        no model call). NotFoundError when the index has no such image."""
+        index = self.index  # one snapshot: the id and its vector must come from the version that is searched
+        if not 0 <= image_id < index.manifest.n_images:
+            raise NotFoundError(f"no image with id {image_id}")
+        return self._search(index, index.vectors("images")[image_id], "images", k, offset)
+
+    def image(self, image_id: int) -> IndexedImage:
+        """Catalog record and captions of one indexed image; NotFoundError when the index has no such image."""
+        index = self.index  # one snapshot: record, captions and image folder of the same version
+        record = index.catalog.images([image_id]).get(image_id)
+        if record is None:
+            raise NotFoundError(f"no image with id {image_id}")
+        captions = index.catalog.captions_of([image_id])[image_id]
+        return IndexedImage(record, tuple(captions), index.manifest.source.get("images"))
+
+    def _search(self, index: StoredIndex, vector: np.ndarray, target: str, k: int, offset: int) -> list[Hit]:
+        """Results offset+1 .. offset+k of `vector` against `target`, all read from the one version `index`: `reopen`
+        may swap in a new version meanwhile."""
         if target not in TARGETS:
             raise QueryError(f"unknown target '{target}' (choose images or captions)")
         check_paging(k, offset, self.config)
-        index = self.index  # one snapshot for the whole query: `reopen` may swap in a new version meanwhile
         if target == "captions" and index.manifest.n_captions == 0:
-            raise QueryError("this index has no captions (it was built from images alone); search images instead")
+            raise NoCaptionsError("this index has no captions (it was built from images alone); search images instead")
         vector_index = index.images if target == "images" else index.captions
         scores, ids = vector_index.search(vector[None], offset + k)
         scores, ids = scores[0, offset:], ids[0, offset:]

@@ -1,7 +1,6 @@
 """Reading an index directory: manifest, catalog, FAISS indexes and raw vectors, checked against each other.
 
-Layout (names shared with the writer in indexer/writer.py):
-    manifest.json  catalog.sqlite  images.faiss  captions.faiss  image_vectors.npy  caption_vectors.npy
+The files and their names: search/layout.py.
 """
 from __future__ import annotations
 
@@ -10,16 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .catalog import CATALOG_NAME, Catalog
+from .catalog import Catalog
 from .encoders import Encoder
 from .errors import IndexFormatError, ModelMismatchError
-from .manifest import MANIFEST_NAME, Manifest, read_manifest
+from .layout import CATALOG_NAME, FAISS_FILES, INDEX_FILES, KINDS, MANIFEST_NAME, VECTOR_FILES
+from .manifest import Manifest, read_manifest
 from .vector_index import VectorIndex
-
-IMAGE_INDEX = "images.faiss"
-CAPTION_INDEX = "captions.faiss"
-IMAGE_VECTORS = "image_vectors.npy"
-CAPTION_VECTORS = "caption_vectors.npy"
 
 
 @dataclass
@@ -56,14 +51,12 @@ def open_index(path: Path | str) -> StoredIndex:
     """Open an index directory read-only; IndexFormatError when files are missing or disagree."""
     path = Path(path)
     manifest = read_manifest(path)
-    for name in (CATALOG_NAME, IMAGE_INDEX, CAPTION_INDEX, IMAGE_VECTORS, CAPTION_VECTORS):
+    for name in INDEX_FILES:
         if not (path / name).is_file():
             raise IndexFormatError(f"index {path} is incomplete: {name} is missing")
     try:
-        params = {kind: manifest.indexes.get(kind, {}).get("params") for kind in ("images", "captions")}
-        images = VectorIndex.load(path / IMAGE_INDEX, manifest.image_factory, manifest.metric, params["images"])
-        captions = VectorIndex.load(path / CAPTION_INDEX, manifest.caption_factory, manifest.metric,
-                                    params["captions"])
+        images, captions = (VectorIndex.load(path / FAISS_FILES[kind], manifest.factory(kind), manifest.metric,
+                                             manifest.indexes.get(kind, {}).get("params")) for kind in KINDS)
     except RuntimeError as exc:
         raise IndexFormatError(f"index {path}: cannot read FAISS index ({str(exc).splitlines()[0]})") from None
     for kind, index, expected in (("image", images, manifest.n_images), ("caption", captions, manifest.n_captions)):
@@ -72,7 +65,7 @@ def open_index(path: Path | str) -> StoredIndex:
                 f"index {path}: {kind} index holds {index.ntotal} vectors of dim {index.dim}, manifest says "
                 f"{expected} of dim {manifest.dim}")
     try:
-        vectors = [_open_vectors(path / name) for name in (IMAGE_VECTORS, CAPTION_VECTORS)]
+        vectors = [_open_vectors(path / VECTOR_FILES[kind]) for kind in KINDS]
     except ValueError as exc:
         raise IndexFormatError(f"index {path}: unreadable vectors file ({exc})") from None
     stat = (path / MANIFEST_NAME).stat()

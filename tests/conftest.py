@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from search.encoders import EncoderSpec, create_encoder
-from search.openclip_encoder import init_local_dir, save_local_dir
+from search.openclip.local_dir import init_local_dir, save_local_dir
 
 from .helpers import TINY_MODEL_CFG, draw, make_pairs
 

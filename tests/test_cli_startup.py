@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import search.openclip_encoder as openclip_encoder
 from search.encoders import EncoderSpec, create_encoder
 from search.fingerprints import cache_path
-from search.openclip_encoder import LOCAL_DIR_WEIGHTS, OpenClipEncoder, _weights_fingerprint, save_local_dir
+from search.openclip import WEIGHTS_FILE, encoder as openclip_encoder, loading
+from search.openclip.encoder import OpenClipEncoder, weights_fingerprint as _weights_fingerprint
+from search.openclip.local_dir import save_local_dir
 
 from .helpers import TINY_MODEL_CFG, build_test_index, make_pairs
 
@@ -141,7 +142,8 @@ def test_fingerprint_and_width_come_from_the_cache(model_dir, monkeypatch):
     entries = json.loads(cache_path().read_text())
     assert [(e["fingerprint"], e["dim"]) for e in entries.values()] == [(expected, TINY_MODEL_CFG["embed_dim"])]
 
-    monkeypatch.setattr(openclip_encoder, "_weights_fingerprint", Counting(_weights_fingerprint, fail=True))
+    for module in (openclip_encoder, loading):  # the loader hashes fp32 weights before it quantises them
+        monkeypatch.setattr(module, "weights_fingerprint", Counting(_weights_fingerprint, fail=True))
     monkeypatch.setattr(OpenClipEncoder, "encode_texts", Counting(OpenClipEncoder.encode_texts, fail=True))
     second = load(model_dir)  # neither hashes nor runs the model to learn its width
     assert second.fingerprint == expected and second.dim == first.dim
@@ -151,7 +153,7 @@ def test_fingerprint_and_width_come_from_the_cache(model_dir, monkeypatch):
 def test_changed_weights_file_is_hashed_again(model_dir, monkeypatch):
     before = load(model_dir).fingerprint
     hashing = Counting(_weights_fingerprint)
-    monkeypatch.setattr(openclip_encoder, "_weights_fingerprint", hashing)
+    monkeypatch.setattr(openclip_encoder, "weights_fingerprint", hashing)
 
     changed = load(model_dir)
     with torch.no_grad():
@@ -161,7 +163,7 @@ def test_changed_weights_file_is_hashed_again(model_dir, monkeypatch):
     assert after.fingerprint == _weights_fingerprint(after.model) != before
     assert hashing.calls == 1  # the reload (the oracle is the unpatched function)
 
-    weights = model_dir / LOCAL_DIR_WEIGHTS
+    weights = model_dir / WEIGHTS_FILE
     stat = weights.stat()
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched only: hashed again, same value
     assert load(model_dir).fingerprint == after.fingerprint and hashing.calls == 2
@@ -202,4 +204,4 @@ def test_random_weights_have_no_cache_key(tmp_path):
     folder.mkdir()
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_MODEL_CFG}))
     for spec in (EncoderSpec.from_args("ViT-B-32", "none"), EncoderSpec.from_args(f"local-dir:{folder}", None)):
-        assert openclip_encoder._weights_key(spec) is None
+        assert loading.cache_key(spec) is None

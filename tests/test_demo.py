@@ -6,13 +6,12 @@ import random
 import pytest
 import torch
 
+from demo import SCALES, prepare
+from demo.scenes import IMAGE_DIR, captions, generate, random_scene, twin
 from indexer import finetune
 from indexer.readers import read_dataset
-from indexer.scenes import IMAGE_DIR, captions, generate, random_scene, twin
 from search.encoders import EncoderSpec, create_encoder
-from web import demo
 from web.__main__ import main as web_main
-from web.demo import SCALES
 
 
 def _digest(folder):
@@ -72,7 +71,7 @@ def _count_fits(monkeypatch):
 
 
 def test_demo_flow_runs_then_reuses_everything(tmp_path, monkeypatch, capsys, caplog):
-    caplog.set_level(logging.INFO, logger="web")
+    caplog.set_level(logging.INFO, logger="demo")
     root, tiny = tmp_path / "demo", SCALES["tiny"]
     argv = ["--demo", "--demo-dir", str(root), "--demo-scale", "tiny", "--prepare-only"]
     assert web_main(argv) == 0
@@ -115,7 +114,7 @@ def test_demo_flow_runs_then_reuses_everything(tmp_path, monkeypatch, capsys, ca
 @pytest.mark.slow
 def test_demo_retrains_a_model_made_by_another_recipe_and_rebuilds_a_stale_index(tmp_path, monkeypatch, capsys,
                                                                                     caplog):
-    caplog.set_level(logging.INFO, logger="web")
+    caplog.set_level(logging.INFO, logger="demo")
     root = tmp_path / "demo"
     argv = ["--demo", "--demo-dir", str(root), "--demo-scale", "tiny", "--prepare-only"]
     assert web_main(argv) == 0
@@ -141,11 +140,11 @@ def test_demo_retrains_a_model_made_by_another_recipe_and_rebuilds_a_stale_index
 def test_why_a_model_is_trained_again():
     recipe = SCALES["tiny"].model_recipe()
     done = {"recipe": recipe, "steps": 4, "planned_steps": 4}
-    assert demo._why_train(done, recipe) is None
-    assert demo._why_train(None, recipe) == "no trained model yet"
-    assert "stopped after 2 of 4 steps" in demo._why_train({**done, "steps": 2}, recipe)
+    assert prepare._why_train(done, recipe) is None
+    assert prepare._why_train(None, recipe) == "no trained model yet"
+    assert "stopped after 2 of 4 steps" in prepare._why_train({**done, "steps": 2}, recipe)
     full = SCALES["full"].model_recipe()
-    reason = demo._why_train(done, full)
+    reason = prepare._why_train(done, full)
     assert "recipe.finetune.epochs" in reason and "recipe.scenes.n_train" in reason
     assert "recipe.model_cfg" not in reason  # the same architecture at both scales
 

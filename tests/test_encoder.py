@@ -5,7 +5,7 @@ from PIL import Image
 
 from search.encoders import EncoderSpec, create_encoder
 from search.errors import ModelLoadError
-from search.openclip_encoder import _encode_text_trimmed
+from search.openclip.encoder import _encode_text_trimmed
 
 TEXTS = ["a", "a red circle on a grey background", "", "two small blue squares to the left of " * 3,
          "the quick brown fox jumps over the lazy dog " * 10]  # the last is longer than the context: truncated

@@ -18,7 +18,7 @@ from indexer.pipeline import BuildConfig, build_index
 from indexer.readers import Sample
 from search.encoders import EncoderSpec, create_encoder
 from search.images import load_image
-from search.openclip_encoder import init_local_dir
+from search.openclip.local_dir import init_local_dir
 from search.store import open_index
 
 from .helpers import TINY_MODEL_CFG

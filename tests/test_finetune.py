@@ -15,7 +15,8 @@ from indexer.readers import read_dataset
 from search.cli import main as search_main
 from search.errors import DatasetError
 from search.encoders import EncoderSpec, create_encoder
-from search.openclip_encoder import init_local_dir
+from search.openclip.local_dir import init_local_dir
+from search.openclip.training import ClipTask
 
 from .helpers import TINY_MODEL_CFG, make_pairs, write_flickr8k, write_images
 
@@ -126,10 +127,11 @@ def test_accumulated_steps_match_one_big_batch(data, tmp_path):
     samples = read_dataset("flickr8k", token, root / "images", "train")
     grads = {}
     for accum in (1, 4):
-        encoder = create_encoder(EncoderSpec.from_args(f"local-dir:{folder}", None))
+        task = ClipTask.load(EncoderSpec.from_args(f"local-dir:{folder}", None))
+        encoder = task.encoder
         config = finetune.FinetuneConfig(epochs=1, batch_size=32, accum_steps=accum, lr=1e-3, workers=0,
                                          progress=False)
-        trainer = finetune.Trainer(encoder, samples, None, root / "images", tmp_path / f"out{accum}", config, {}, True)
+        trainer = finetune.Trainer(task, samples, None, root / "images", tmp_path / f"out{accum}", config, {}, True)
         torch.manual_seed(0)
         pixels, tokens = trainer.dataset.collate([trainer.dataset[i] for i in range(32)])
         trainer.step(pixels, tokens)
@@ -262,3 +264,26 @@ def test_killed_overwrite_leaves_the_old_model_loadable(data, tmp_path):
     assert files(out) == before
     after = state(out)
     assert all(torch.equal(after[n], old[n]) for n in old)
+
+
+def test_on_epoch_sees_each_checkpointed_epoch_and_leaves_the_training_unchanged(data, tmp_path):
+    """What benchmarks/finetune.py does: test recall after every epoch, through `fit(on_epoch=...)`."""
+    root, token, _ = data
+    folder = init_local_dir(TINY_MODEL_CFG, tmp_path / "init", seed=3)
+    samples = read_dataset("flickr8k", token, root / "images", "train")
+    config = finetune.FinetuneConfig(epochs=3, max_steps=6, batch_size=16, lr=2e-3, workers=0, progress=False)
+    weights, seen = {}, []
+    for name in ("plain", "observed"):
+        task = ClipTask.load(EncoderSpec.from_args(f"local-dir:{folder}", None))
+        trainer = finetune.Trainer(task, samples, None, root / "images", tmp_path / name, config, {}, True)
+
+        def measure(record, task=task, out=tmp_path / name):
+            saved = json.loads((out / "training.json").read_text())["history"][-1]
+            seen.append((record["epoch"], record["steps"], saved == record, task.encoder.model.training,
+                         set(finetune.validate(task.encoder, samples, root / "images")) >= {"text_to_image"}))
+
+        trainer.fit(on_epoch=measure if name == "observed" else None)
+        weights[name] = task.state_dict()
+    assert seen == [(1, 4, True, False, True), (2, 2, True, False, True)]  # the last, partial epoch too
+    for key in weights["plain"]:
+        torch.testing.assert_close(weights["observed"][key], weights["plain"][key], rtol=0, atol=1e-6)

@@ -49,7 +49,7 @@ def test_pip_install_gives_commands_that_work_anywhere(tmp_path, tiny_model_spec
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
-    for package in PYPROJECT["tool"]["setuptools"]["packages"]:
+    for package in sorted({name.split(".")[0] for name in PYPROJECT["tool"]["setuptools"]["packages"]}):
         shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     venv = tmp_path / "venv"
     # the system's torch, open_clip, setuptools and pip serve the venv: no network, no second torch
@@ -83,13 +83,13 @@ def test_pip_install_gives_commands_that_work_anywhere(tmp_path, tiny_model_spec
     assert refused.returncode == 1 and refused.stderr == "error: empty text query\n"
 
     served = _run([python, "-c", """
-import json, web, web.demo
+import json, web, demo.prepare
 from web import create_app
 client = create_app(index="index").test_client()
 page, script = client.get("/"), client.get("/static/app.js")
 print(json.dumps({"web": web.__file__, "page": page.status_code, "has_form": b'id="q"' in page.data,
-                  "script": script.status_code, "demo_config": web.demo.DEMO_MODEL_CONFIG.is_file(),
-                  "demo_config_path": str(web.demo.DEMO_MODEL_CONFIG)}))
+                  "script": script.status_code, "demo_config": demo.prepare.DEMO_MODEL_CONFIG.is_file(),
+                  "demo_config_path": str(demo.prepare.DEMO_MODEL_CONFIG)}))
 """], elsewhere, env)
     assert served.returncode == 0, served.stderr
     report = json.loads(served.stdout.strip().splitlines()[-1])

@@ -12,8 +12,9 @@ import torch
 import search.metrics as metrics_module
 from indexer.cli import main as indexer_main
 from search.cli import main as search_main
-from search.errors import QueryError
+from search.errors import NoCaptionsError, QueryError
 from search.metrics import index_recall, retrieval_metrics
+from search.recall import RetrievalMetrics, RetrievalRecall
 from search.vector_index import VectorIndex
 
 from .helpers import build_test_index, make_pairs, reference_recall, write_images, write_karpathy
@@ -66,7 +67,7 @@ def test_ranks_on_hand_made_vectors():
     images = np.eye(3, dtype=np.float32)
     # caption 0 → image 0 best (rank 1); caption 1 (of image 1) prefers image 2 (rank 2); caption 2 → image 2 (rank 1)
     captions = np.array([[1, 0, 0], [0, 0.6, 0.8], [0, 0, 1]], np.float32)
-    m = retrieval_metrics(images, captions, [0, 1, 2], ks=(1, 2))
+    m = retrieval_metrics(images, captions, [0, 1, 2], ks=(1, 2)).to_json()
     assert m["text_to_image"] == {"R@1": pytest.approx(200 / 3, abs=1e-3), "R@2": 100.0,
                                   "mean_rank": pytest.approx(4 / 3, abs=1e-3), "median_rank": 1.0}
     # image 1's only caption (0.6) is beaten by nothing for image 1: column of image 1 = [0, 0.6, 0]
@@ -75,7 +76,7 @@ def test_ranks_on_hand_made_vectors():
 
 def test_strict_ties_count_against_the_correct_item():
     collapsed = np.ones((4, 2), np.float32) / np.sqrt(2)  # every image and caption embedded identically
-    m = retrieval_metrics(collapsed, collapsed, [0, 1, 2, 3], ks=(1, 4), ties="strict")
+    m = retrieval_metrics(collapsed, collapsed, [0, 1, 2, 3], ks=(1, 4), ties="strict").to_json()
     assert m["ties"] == "strict"
     for direction in ("text_to_image", "image_to_text"):
         assert m[direction]["R@1"] == 0.0 and m[direction]["R@4"] == 100.0 and m[direction]["mean_rank"] == 4.0
@@ -83,14 +84,15 @@ def test_strict_ties_count_against_the_correct_item():
 
 def test_position_ties_rank_the_lower_index_first():
     collapsed = np.ones((4, 2), np.float32) / np.sqrt(2)
-    m = retrieval_metrics(collapsed, collapsed, [0, 1, 2, 3], ks=(1, 4), ties="position")
+    m = retrieval_metrics(collapsed, collapsed, [0, 1, 2, 3], ks=(1, 4), ties="position").to_json()
     for direction in ("text_to_image", "image_to_text"):  # item j ranks j + 1
         assert m[direction]["R@1"] == 25.0 and m[direction]["R@4"] == 100.0 and m[direction]["mean_rank"] == 2.5
     # two images whose captions repeat word for word: image 0 finds its own copy first, image 1 finds image 0's
     images = np.array([[1, 0], [0.8, 0.6]], np.float32)
     captions = np.array([[0.6, 0.8], [0.6, 0.8]], np.float32)
     for ties, expected in (("position", 50.0), ("strict", 0.0)):
-        assert retrieval_metrics(images, captions, [0, 1], ks=(1,), ties=ties)["image_to_text"]["R@1"] == expected
+        assert retrieval_metrics(images, captions, [0, 1], ks=(1,), ties=ties).to_json()["image_to_text"]["R@1"] \
+            == expected
 
 
 def test_unknown_tie_rule_is_refused():
@@ -123,10 +125,10 @@ def test_recall_equals_clip_benchmark_and_an_exact_index(n_images, block_scores,
     ivf[1].set_params({"nprobe": 8})  # every cell probed: exhaustive, though FAISS orders and rounds its own way
     by_rule = {}
     for ties in ("clip_benchmark", "position", "strict"):
-        m = by_rule[ties] = retrieval_metrics(images, captions, ids, ties=ties, indexes=flat)
+        m = by_rule[ties] = retrieval_metrics(images, captions, ids, ties=ties, indexes=flat).to_json()
         assert m["index_search"] == {d: {f"R@{k}": m[d][f"R@{k}"] for k in KS}
                                      for d in ("text_to_image", "image_to_text")}
-        assert index_recall(*ivf, images, captions, ids, ties=ties) == m["index_search"]
+        assert index_recall(*ivf, images, captions, ids, ties=ties).to_json() == m["index_search"]
     for (direction, k), expected in oracle.items():
         assert by_rule["clip_benchmark"][direction][f"R@{k}"] == pytest.approx(expected, abs=1e-9), (direction, k)
     # the ties decide something in both directions, or this test would prove little
@@ -142,11 +144,26 @@ def test_recall_equals_clip_benchmark_and_an_exact_index(n_images, block_scores,
 def test_image_to_text_counts_the_best_of_several_captions():
     images = np.array([[1, 0], [0, 1]], np.float32)
     captions = np.array([[0, 1], [0.9, 0.1], [0.1, 0.9]], np.float32)  # image 0: captions 0 (bad) and 1 (good)
-    m = retrieval_metrics(images, captions, [0, 0, 1], ks=(1, 2))
+    m = retrieval_metrics(images, captions, [0, 0, 1], ks=(1, 2)).to_json()
     # image 0: its second caption ranks first (a first-caption-only rule would give rank 3, R@1 = 0);
     # image 1: caption 0 (1.0) beats its own caption (0.9), rank 2
     assert m["image_to_text"]["R@1"] == 50.0 and m["image_to_text"]["R@2"] == 100.0
     assert m["text_to_image"]["R@1"] == pytest.approx(200 / 3, abs=1e-3)
+
+
+def test_recall_results_round_trip_their_json_and_format_in_one_way():
+    images = np.eye(3, dtype=np.float32)
+    captions = np.array([[1, 0, 0], [0, 0.6, 0.8], [0, 0, 1]], np.float32)  # as in test_ranks_on_hand_made_vectors
+    flat = VectorIndex.build(images, "Flat"), VectorIndex.build(captions, "Flat")
+    m = retrieval_metrics(images, captions, [0, 1, 2], ks=(1, 2), indexes=flat)
+    assert RetrievalMetrics.from_json(json.loads(json.dumps(m.to_json()))) == m
+    assert RetrievalRecall.from_json(m.to_json()["index_search"]) == m.index_search
+    assert m.recall.format(digits=2) == "text→image R@1/2 66.67/100.00, image→text R@1/2 100.00/100.00"
+    assert m.recall.format(ks=(2,)) == "text→image R@2 100.0, image→text R@2 100.0"
+    assert m.index_search.to_json() == {d: {f"R@{k}": m.to_json()[d][f"R@{k}"] for k in (1, 2)}
+                                        for d in ("text_to_image", "image_to_text")}
+    with pytest.raises(NoCaptionsError, match="has no captions"):  # not a query error: no query fixes it
+        retrieval_metrics(images, np.zeros((0, 3), np.float32), [])
 
 
 def test_eval_agrees_with_independent_reference_on_a_trained_model(tmp_path, trained_model_dir, tiny_model_dir,

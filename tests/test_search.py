@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from search.cli import main as search_main
-from search.errors import ImageReadError, ModelMismatchError, QueryError
+from search.errors import ImageReadError, ModelMismatchError, NotFoundError, QueryError
 from search.images import load_image
 from search.searcher import Searcher
+from search.store import open_index
 
 from .helpers import build_test_index, make_pairs
 
@@ -72,6 +73,31 @@ def test_paging_is_consistent(searcher):
 def test_bad_queries(searcher, kwargs, message):
     with pytest.raises(ImageReadError if "image" in kwargs else QueryError, match=message):
         searcher.search(**kwargs)
+
+
+def test_similar_and_image_by_id_and_the_model_runner(index_dir, searcher):
+    calls = []
+
+    def runner(fn):  # what a server passes to route model calls (python -m web: to the main thread)
+        calls.append(fn)
+        return fn()
+
+    own = Searcher(open_index(index_dir), searcher.encoder, run_model=runner)
+    own.search(text="a red circle", k=2)
+    own.search(image=index_dir.parent / "images" / PAIRS[0][0], k=2)
+    similar = own.similar(5, k=4, offset=1)  # by the stored vector: no model call
+    assert len(calls) == 2
+    vectors = np.load(index_dir / "image_vectors.npy")
+    assert [h.image_id for h in similar] == brute_force(vectors[5], vectors, 5)[0][1:].tolist()
+    assert [h.rank for h in similar] == [2, 3, 4, 5]
+    image = own.image(5)
+    assert (image.record.id, image.record.path, image.captions) == (5, PAIRS[5][0], PAIRS[5][1])
+    assert image.recorded_root == str((index_dir.parent / "images").resolve())
+    for bad in (-1, len(PAIRS)):
+        with pytest.raises(NotFoundError, match=f"no image with id {bad}"):
+            own.similar(bad)
+        with pytest.raises(NotFoundError, match=f"no image with id {bad}"):
+            own.image(bad)
 
 
 def test_cli_query_json_shapes(index_dir, capsys):

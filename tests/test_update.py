@@ -3,7 +3,7 @@ import sqlite3
 
 import numpy as np
 
-from indexer import pipeline
+from indexer import loader
 from indexer.cli import main as indexer_main
 
 from .helpers import draw, make_pairs, write_csv, write_images
@@ -42,14 +42,14 @@ def test_update_equals_a_fresh_build_and_decodes_only_what_changed(tmp_path, tin
     os.utime(photos / PAIRS[1][0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 9_000_000_000))
 
     decoded = []
-    real_load = pipeline.load_image
-    monkeypatch.setattr(pipeline, "load_image", lambda *a, **k: decoded.append(k.get("name")) or real_load(*a, **k))
+    real_load = loader.load_image
+    monkeypatch.setattr(loader, "load_image", lambda *a, **k: decoded.append(k.get("name")) or real_load(*a, **k))
     capsys.readouterr()
     assert indexer_main(["update", "--index", str(index), "--quiet"]) == 0
     summary = capsys.readouterr().out
     assert "1 new, 1 changed, 1 moved, 9 unchanged, 1 removed" in summary
     assert sorted(os.path.basename(d) for d in decoded) == sorted(["new.png", PAIRS[1][0]])
-    monkeypatch.setattr(pipeline, "load_image", real_load)
+    monkeypatch.setattr(loader, "load_image", real_load)
 
     fresh = tmp_path / "fresh"
     assert build(["build", "--format", "folder", "--images", str(photos), "--out", str(fresh)], tiny_model_spec) == 0

@@ -33,7 +33,8 @@ def test_info(index_dir, capsys):
     out = capsys.readouterr().out
     lines = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in out.splitlines())  # "label   value"
     assert lines["images"] == "20" and lines["captions"] == "60"
-    assert lines["image index"] == "Flat (exact)" and lines["model"].startswith("local-dir:")
+    assert lines["image index"].startswith("Flat (exact): ") and lines["image index"].endswith(" in memory")
+    assert lines["model"].startswith("local-dir:")
     assert "{" not in out and "'" not in out  # readable text, not Python reprs of dicts
     assert lines["source"].startswith("karpathy: annotations ")
 

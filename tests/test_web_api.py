@@ -64,6 +64,31 @@ def test_similar_uses_the_stored_vector(client, index_dir):
     assert client.get("/api/search/similar?id=999").status_code == 404
 
 
+def test_only_unknown_ids_are_404(index_dir, monkeypatch):
+    app = create_app(index=index_dir)
+    client = app.test_client()
+    answer = client.get("/api/images/999")
+    assert answer.status_code == 404 and answer.get_json() == {"error": "no image with id 999"}
+    assert client.get("/api/search/similar?id=-1").get_json() == {"error": "no image with id -1"}
+    searcher = app.extensions["image_search"].searcher
+    for error in (KeyError(3), FileNotFoundError("catalog.sqlite")):  # a bug or a broken index, not "no such id"
+        def broken(*args, error=error, **kwargs):
+            raise error
+        monkeypatch.setattr(searcher, "similar", broken)
+        answer = client.get("/api/search/similar?id=1")
+        assert answer.status_code == 500 and answer.get_json() == {"error": "internal error"}
+
+
+def test_flat_search_settings_fill_the_web_configs_search_config(index_dir):
+    config = WebConfig.from_mapping({"index": str(index_dir), "max_k": 5, "text_cache_size": 7})
+    assert (config.search.max_k, config.search.text_cache_size, config.search.max_query_chars) == (5, 7, 1000)
+    assert WebConfig().search.max_k == 100 and WebConfig.from_mapping({}).search == WebConfig().search
+    client = create_app(index=str(index_dir), max_k=5, max_query_chars=10).test_client()
+    assert client.get("/api/search?q=red&k=5").status_code == 200
+    assert "k must be between 1 and 5" in client.get("/api/search?q=red&k=6").get_json()["error"]
+    assert "the limit is 10" in client.get("/api/search?q=a red circle!").get_json()["error"]
+
+
 def test_image_metadata_thumbnail_and_original(client, index_dir):
     info = client.get("/api/images/2").get_json()
     assert info == {"id": 2, "image": PAIRS[2][0], "width": 48, "height": 48, "captions": list(PAIRS[2][1]),

@@ -20,7 +20,7 @@ from .main_thread import MainThreadRunner
 
 def _serve(args: argparse.Namespace) -> int:
     if args.demo:
-        from .demo import SCALES, prepare_demo, summary
+        from demo import SCALES, prepare_demo, summary  # the demo's package: not loaded to serve an index
 
         result = prepare_demo(args.demo_dir, SCALES[args.demo_scale], retrain=args.retrain)
         print(summary(result), flush=True)
@@ -32,13 +32,12 @@ def _serve(args: argparse.Namespace) -> int:
     config = WebConfig(index=args.index, model=args.model, pretrained=args.pretrained, device=args.device,
                        precision=args.precision,
                        images=args.images, max_upload_mb=args.max_upload_mb, admin_token=args.admin_token)
-    app = create_app(config)
+    runner = MainThreadRunner()  # model calls run on this (the main) thread: see main_thread.py
+    app = create_app(config, run_model=runner)
     if not _is_loopback_host(args.host) and app.extensions[EXTENSION_KEY].config.admin_token is None:
         logging.getLogger("web").warning(
             "listening on %s without an admin token: POST /api/reload is refused to every client not on this "
             "machine; set --admin-token or %s to allow it", args.host, ADMIN_TOKEN_ENV)
-    runner = MainThreadRunner()
-    app.extensions[EXTENSION_KEY].searcher.run_model = runner
     server = make_server(args.host, args.port, app, threaded=True)
     logging.getLogger("web").info("serving %s on http://%s:%d", args.index, args.host, args.port)
     serving = threading.Thread(target=server.serve_forever, name="http", daemon=True)

@@ -13,12 +13,12 @@ import ipaddress
 import time
 
 from flask import Blueprint, jsonify, request, url_for
-from werkzeug.exceptions import BadRequest, Forbidden, NotFound, Unauthorized
+from werkzeug.exceptions import BadRequest, Forbidden, Unauthorized
 
 from search.errors import EngineError
 from search.searcher import TARGETS, Hit
 
-from . import engine
+from .engine import engine, image_or_404
 
 api = Blueprint("api", __name__, url_prefix="/api")
 
@@ -76,23 +76,16 @@ def search_image():
 def search_similar():
     started = time.perf_counter()
     image_id = _int_arg(request.args, "id", -1)
-    searcher = engine().searcher
-    if not 0 <= image_id < searcher.index.manifest.n_images:
-        raise NotFound(f"no image with id {image_id}")
     k, offset = _paging(request.args)
-    vector = searcher.index.vectors("images")[image_id]
-    return _respond(image_id, started, searcher.search_vector(vector, k=k, offset=offset))
+    return _respond(image_id, started, engine().searcher.similar(image_id, k=k, offset=offset))
 
 
 @api.get("/images/<int:image_id>")
 def image_info(image_id: int):
-    catalog = engine().searcher.index.catalog
-    record = catalog.images([image_id]).get(image_id)
-    if record is None:
-        raise NotFound(f"no image with id {image_id}")
+    image = image_or_404(image_id)
+    record = image.record
     return jsonify(id=record.id, image=record.path, width=record.width, height=record.height,
-                   captions=catalog.captions_of([image_id])[image_id],
-                   thumbnail=url_for("pages.thumbnail", image_id=image_id),
+                   captions=list(image.captions), thumbnail=url_for("pages.thumbnail", image_id=image_id),
                    url=url_for("pages.original", image_id=image_id))
 
 

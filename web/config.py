@@ -5,11 +5,12 @@ import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from search.images import DEFAULT_MAX_MEGAPIXELS
+from search.searcher import SearchConfig
 
 
 PATH_FIELDS = ("index", "images", "thumbnail_dir")
 ADMIN_TOKEN_ENV = "IMAGE_SEARCH_ADMIN_TOKEN"
+WEB_MAX_K = 100  # results per page a browser or API client may ask for (the CLI allows SearchConfig's default)
 
 
 @dataclass(frozen=True)
@@ -21,12 +22,10 @@ class WebConfig:
     precision: str = "fp32"
     images: Path | None = None  # image root; default: the one recorded in the manifest at build time
     max_upload_mb: float = 20.0
-    max_query_chars: int = 1000
-    max_k: int = 100
-    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
+    # query limits, decoding limit and text cache; its fields are also accepted flat by `from_mapping`
+    search: SearchConfig = SearchConfig(max_k=WEB_MAX_K)
     thumbnail_size: int = 256
     thumbnail_dir: Path | None = None  # default: INDEX/.thumbnails, or a temporary folder if the index is read-only
-    text_cache_size: int = 256
     # required by POST /api/reload when set; without one, only loopback clients may reload
     admin_token: str | None = None
 
@@ -40,10 +39,14 @@ class WebConfig:
 
     @classmethod
     def from_mapping(cls, values: dict) -> "WebConfig":
-        """Build from plain keyword values (e.g. gunicorn's `web:create_app(index="...")`); unknown keys are errors."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
+        """Build from plain keyword values (e.g. gunicorn's `web:create_app(index="...", max_k=50)`): WebConfig's
+        fields and, flat, SearchConfig's (applied over `search` when both are given); unknown keys are errors."""
+        search_keys = {f.name for f in fields(SearchConfig)}
+        unknown = set(values) - {f.name for f in fields(cls)} - search_keys
         if unknown:
             raise TypeError(f"unknown WebConfig settings: {', '.join(sorted(unknown))}")
+        values = dict(values)
+        flat = {k: values.pop(k) for k in search_keys & set(values)}
+        search = replace(values.pop("search", None) or cls.search, **flat)
         paths = {k: Path(v) for k, v in values.items() if k in PATH_FIELDS and v is not None}
-        return replace(cls(), **{**values, **paths})
+        return replace(cls(), **{**values, **paths}, search=search)

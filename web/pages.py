@@ -7,8 +7,9 @@ from pathlib import Path
 from flask import Blueprint, abort, render_template, send_file
 
 from search.errors import ImageReadError
+from search.searcher import IndexedImage
 
-from . import engine
+from .engine import engine, image_or_404
 
 pages = Blueprint("pages", __name__, template_folder="templates", static_folder="static",
                   static_url_path="/static")
@@ -18,15 +19,13 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
 
 
-def _record(image_id: int):
-    record = engine().searcher.index.catalog.images([image_id]).get(image_id)
-    if record is None:
-        abort(404)
+def _file_or_404(image_id: int) -> tuple[IndexedImage, Path]:
+    image = image_or_404(image_id)
     try:
-        return record, engine().image_file(record)
-    except FileNotFoundError:
+        return image, engine().image_file(image)
+    except FileNotFoundError as exc:
         # a moved image root or a deleted file: say which, or a grid of broken pictures is all anyone sees
-        log.warning("image %d: %s not found under %s", image_id, record.path, _root_or_reason())
+        log.warning("image %d: %s", image_id, exc)
         abort(404)
 
 
@@ -39,8 +38,8 @@ def home():
 
 @pages.get("/thumb/<int:image_id>")
 def thumbnail(image_id: int):
-    record, path = _record(image_id)
-    key = record.sha1 or f"id{image_id}"
+    image, path = _file_or_404(image_id)
+    key = image.record.sha1 or f"id{image_id}"
     try:
         thumb = engine().thumbnails.get(key, path)
     except ImageReadError as exc:
@@ -48,13 +47,6 @@ def thumbnail(image_id: int):
         abort(404)
     etag = True if not hasattr(thumb, "read") else key  # bytes in memory: the content hash is the ETag
     return send_file(thumb, mimetype="image/jpeg", conditional=True, etag=etag, max_age=CACHE_SECONDS)
-
-
-def _root_or_reason() -> str:
-    try:
-        return str(engine().images_root)
-    except FileNotFoundError as exc:
-        return str(exc)
 
 
 @pages.get("/favicon.ico")
@@ -65,5 +57,5 @@ def favicon():
 
 @pages.get("/image/<int:image_id>")
 def original(image_id: int):
-    _, path = _record(image_id)
+    _, path = _file_or_404(image_id)
     return send_file(path, conditional=True, etag=True, max_age=CACHE_SECONDS)

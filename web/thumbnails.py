@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import tempfile
 from pathlib import Path
 
+from search.atomic import write_atomic
 from search.images import load_image
+from search.layout import thumbnails_dir
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +33,7 @@ class ThumbnailCache:
         image.save(data, "JPEG", quality=85)
         try:  # write beside and rename: concurrent requests for one thumbnail never read a half-written file
             self.folder.mkdir(parents=True, exist_ok=True)
-            handle, tmp = tempfile.mkstemp(suffix=".jpg", dir=self.folder)
-            with os.fdopen(handle, "wb") as out:
-                out.write(data.getvalue())
-            os.replace(tmp, target)
+            write_atomic(target, data.getvalue())
             return target
         except OSError as exc:
             log.warning("thumbnail cache %s not writable (%s); serving from memory", self.folder, exc)
@@ -47,7 +45,7 @@ def default_thumbnail_dir(index: Path) -> Path:
     """`.NAME.thumbnails` beside the index directory: outside it, so an update that swaps in a new index version
     keeps the cache (thumbnails are keyed by content hash) and never pulls the folder away under a writer."""
     index = Path(index).resolve()
-    folder = index.parent / f".{index.name}.thumbnails"
+    folder = thumbnails_dir(index)
     try:
         folder.mkdir(exist_ok=True)
         return folder

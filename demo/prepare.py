@@ -18,16 +18,18 @@ from indexer.finetune import RUN_FILE, STATE_DIR, FinetuneConfig, Trainer, load_
 from indexer.lock import WriterLock
 from indexer.pipeline import BuildConfig, build_index
 from indexer.readers import dataset_source, read_dataset
-from indexer.scenes import IMAGE_DIR, generate
-from indexer.writer import swap_into_place
-from search.evaluation import evaluate, format_metrics
-from search.encoders import EncoderSpec, create_encoder
+from search.atomic import replace_dir, swap_into_place, write_atomic
+from search.evaluation import evaluate
+from search.recall import RetrievalMetrics
+from search.encoders import LOCAL_DIR_PREFIX, EncoderSpec, create_encoder
 from search.errors import IndexFormatError
 from search.manifest import read_manifest
 from search.store import open_index
 
+from .scenes import IMAGE_DIR, generate
+
 log = logging.getLogger(__name__)
-DEMO_MODEL_CONFIG = Path(__file__).resolve().parents[1] / "indexer" / "configs" / "demo_clip.json"
+DEMO_MODEL_CONFIG = Path(__file__).resolve().parent / "demo_clip.json"  # shipped as package data
 SCENES_RECIPE = "demo_recipe.json"
 
 
@@ -61,7 +63,7 @@ class DemoConfig:
 class DemoResult:
     index: Path
     model: Path
-    metrics: dict  # recall@k of the index over the held-out test split
+    metrics: RetrievalMetrics  # recall@k of the index over the held-out test split
     run: dict  # the model's training.json
     trained: bool  # False: the model of an earlier run was reused
 
@@ -92,11 +94,11 @@ def _dataset(folder: Path, config: DemoConfig) -> Path:
                  found or "an unrecorded recipe", recipe)
     log.info("dataset: generating %d train / %d val / %d test scenes into %s", config.n_train, config.n_val,
              config.n_test, folder)
-    tmp = folder.parent / f".{folder.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    generate(tmp, config.n_train, config.n_val, config.n_test, config.seed)
-    (tmp / SCENES_RECIPE).write_text(json.dumps(recipe), encoding="utf-8")
-    swap_into_place(tmp, folder)
+    def write(tmp: Path) -> None:
+        generate(tmp, config.n_train, config.n_val, config.n_test, config.seed)
+        (tmp / SCENES_RECIPE).write_text(json.dumps(recipe), encoding="utf-8")
+
+    replace_dir(folder, write)
     return token
 
 
@@ -136,9 +138,9 @@ def _model(folder: Path, token: Path, images: Path, config: DemoConfig, retrain:
         shutil.rmtree(work, ignore_errors=True)
     train = read_dataset("flickr8k", token, images, "train")
     val = read_dataset("flickr8k", token, images, "val")
-    encoder, _ = load_for_training(str(config.model_config), "none", work, None, config.seed)
+    task, _ = load_for_training(str(config.model_config), "none", work, None, config.seed)
     source = dataset_source("flickr8k", token, images, "train", val_split="val")
-    trainer = Trainer(encoder, train, val, images, work, config.finetune(), source, from_random=True, recipe=recipe)
+    trainer = Trainer(task, train, val, images, work, config.finetune(), source, from_random=True, recipe=recipe)
     if resume:
         trainer.resume()
     log.info("model: training a small CLIP for %d epochs, %d steps (%s)", config.epochs, trainer.total_steps, reason)
@@ -151,7 +153,7 @@ def _model(folder: Path, token: Path, images: Path, config: DemoConfig, retrain:
 
 def _index(index: Path, model: Path, token: Path, images: Path, config: DemoConfig, rebuild: bool) -> None:
     """Build the test-split index when asked to, or unless the one on disk was built from exactly these weights."""
-    encoder = create_encoder(EncoderSpec.from_args(f"local-dir:{model}", None))
+    encoder = create_encoder(EncoderSpec.from_args(f"{LOCAL_DIR_PREFIX}{model}", None))
     try:
         built = None if rebuild else read_manifest(index)
     except IndexFormatError:
@@ -182,7 +184,7 @@ def prepare_demo(root: Path, config: DemoConfig = DemoConfig(), retrain: bool = 
         index = root / "index"
         _index(index, model, token, images, config, rebuild=trained)
         metrics = evaluate(open_index(index))
-        (root / "recall.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+        write_atomic(root / "recall.json", json.dumps(metrics.to_json(), indent=2))
     return DemoResult(index=index, model=model, metrics=metrics, run=run, trained=trained)
 
 
@@ -192,10 +194,9 @@ def _extent(run: dict) -> str:
 
 def summary(result: DemoResult) -> str:
     """What the demo reports after preparing: the test recall and where the model came from."""
-    t2i, i2t = result.metrics["text_to_image"]["R@1"], result.metrics["image_to_text"]["R@1"]
-    recall = f"test recall text→image R@1 {t2i:.2f}, image→text R@1 {i2t:.2f}"
+    recall = f"test recall {result.metrics.recall.format(digits=2, ks=(1,))}"
     if result.trained:
         model = f"model: trained {result.model} in this run ({_extent(result.run)}; {recall})"
     else:
         model = f"model: reusing {result.model} (trained {_extent(result.run)}; {recall}); --retrain to train again"
-    return f"Recall on the held-out test split ({result.index}):\n{format_metrics(result.metrics)}\n{model}"
+    return f"Recall on the held-out test split ({result.index}):\n{result.metrics.format()}\n{model}"

@@ -1,0 +1,167 @@
+"""The build's reader: each sample becomes `Reused` (its vector is taken from a previous index), `Decoded` (pixels to
+encode) or `Skipped` (a one-line reason), in sample order, decoded by worker threads a bounded window ahead of the
+model (PIL and torchvision release the GIL for most of that work).
+
+Stage times (read, decode, …) are summed in a `StageClock`; the threads of a stage run in parallel, so a stage's sum
+may exceed the wall-clock time of the build.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import threading
+import time
+from collections import deque
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence, Union
+
+import numpy as np
+
+from search.catalog import FileInfo
+from search.encoders import Encoder
+from search.errors import ImageReadError
+from search.images import load_image
+from search.store import StoredIndex
+
+from .readers import Sample
+
+STAGES = ("read", "decode", "encode", "write", "index")  # index: FAISS training, tuning and the swap into place
+
+
+class StageClock:
+    """Seconds spent per stage, from any thread: `with clock("decode"): ...`."""
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(STAGES, 0.0)
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - started
+            with self._lock:
+                self.seconds[stage] += elapsed
+
+
+@dataclass(frozen=True)
+class Reused:
+    """An image whose vector a previous index already holds: unchanged (same path, size and mtime, or touched) or
+    moved (same content under another path)."""
+    sample: Sample
+    size: tuple[int, int]
+    vector: np.ndarray
+    file: FileInfo
+    change: str = "unchanged"  # or "moved"
+    moved_from: str | None = None
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """An image decoded and preprocessed for the model: new, or changed since the previous index."""
+    sample: Sample
+    size: tuple[int, int]  # of the source file, before any reduced-scale decoding
+    pixels: np.ndarray
+    file: FileInfo
+    change: str = "new"  # or "changed"
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A sample that yields no image: missing, unreadable or undecodable, with the one-line reason."""
+    sample: Sample
+    reason: str
+
+
+Loaded = Union[Reused, Decoded, Skipped]
+
+
+class Reuse:
+    """Vectors of a previous index that an update may keep: an image whose path, size and mtime are unchanged, or
+    whose content hash is known (moved, renamed, touched); a caption whose text is known."""
+
+    def __init__(self, previous: StoredIndex):
+        self.records = {r.path: r for r in previous.catalog.all_images()}
+        self.by_hash = {r.sha1: r for r in self.records.values() if r.sha1}
+        self.image_vectors = previous.vectors("images")
+        texts = [c.text for c in previous.catalog.captions(range(previous.manifest.n_captions)).values()]
+        caption_vectors = previous.vectors("captions")
+        self.captions = {text: caption_vectors[i] for i, text in reversed(list(enumerate(texts)))}
+
+    def unchanged(self, path: str, size: int, mtime_ns: int):
+        record = self.records.get(path)
+        if record is not None and (record.size, record.mtime_ns) == (size, mtime_ns) and record.sha1:
+            return record
+        return None
+
+    def same_content(self, sha1: str):
+        return self.by_hash.get(sha1)
+
+    def caption_vectors(self, texts: Sequence[str], encode) -> np.ndarray:
+        """Stored vectors for known texts, `encode` for the rest, in order."""
+        missing = [t for t in dict.fromkeys(texts) if t not in self.captions]
+        fresh = dict(zip(missing, encode(missing))) if missing else {}
+        rows = [self.captions.get(t, fresh.get(t)) for t in texts]
+        return np.stack(rows).astype(np.float32) if rows else encode([])
+
+
+class ImageLoader:
+    """`loader(sample)` → Reused | Decoded | Skipped, safe to call from several threads; `loader.stream(...)` runs
+    it over samples on a pool, in order."""
+
+    def __init__(self, images_root: Path, encoder: Encoder, max_megapixels: float, fast_decode: bool = False,
+                 reuse: Reuse | None = None, clock: StageClock | None = None):
+        self.root = Path(images_root)
+        self.encoder = encoder
+        self.max_megapixels = max_megapixels
+        self.min_side = encoder.image_size if fast_decode else None  # reduced-scale JPEG decoding stops there
+        self.reuse = reuse
+        self.clock = clock or StageClock()
+
+    def __call__(self, sample: Sample) -> Loaded:
+        path, reuse = self.root / sample.image, self.reuse
+        try:
+            with self.clock("read"):
+                stat = path.stat()
+                known = reuse and reuse.unchanged(sample.image, stat.st_size, stat.st_mtime_ns)
+                if known:
+                    return Reused(sample, (known.width, known.height), reuse.image_vectors[known.id],
+                                  FileInfo(known.size, known.mtime_ns, known.sha1))
+                data = path.read_bytes()
+                file = FileInfo(stat.st_size, stat.st_mtime_ns, hashlib.sha1(data).hexdigest())
+            same = reuse and reuse.same_content(file.sha1)
+            if same:
+                moved = same.path != sample.image
+                return Reused(sample, (same.width, same.height), reuse.image_vectors[same.id], file,
+                              "moved" if moved else "unchanged", same.path if moved else None)
+            with self.clock("decode"):
+                image = load_image(data, self.max_megapixels, self.min_side, name=str(path))
+                pixels = self.encoder.preprocess_image(image)
+            return Decoded(sample, image.info["source_size"], pixels, file,
+                           "changed" if reuse and sample.image in reuse.records else "new")
+        except FileNotFoundError:
+            return Skipped(sample, f"{path}: file not found")
+        except ImageReadError as exc:
+            return Skipped(sample, str(exc))
+        except OSError as exc:
+            return Skipped(sample, f"{path}: cannot read ({exc.strerror or exc})")
+
+    def stream(self, samples: Iterable[Sample], pool: Executor, ahead: int) -> Iterator[Loaded]:
+        """Loaded samples in order, with at most `ahead` in flight on `pool`."""
+        return prefetch(pool, self, samples, ahead)
+
+
+def prefetch(pool: Executor, fn: Callable, items: Iterable, ahead: int) -> Iterator:
+    """`map(fn, items)` on a pool, in order, with at most `ahead` items in flight (bounded memory)."""
+    items = iter(items)
+    window = deque(pool.submit(fn, item) for item in islice(items, ahead))
+    while window:
+        result = window.popleft().result()
+        for item in islice(items, 1):
+            window.append(pool.submit(fn, item))
+        yield result

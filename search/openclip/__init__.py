@@ -1,0 +1,12 @@
+"""The open_clip encoder family: the only package of the project that imports open_clip.
+
+    loading.py    spec checks, offline hub handling, precision, building a model; the fingerprint cache glue
+    encoder.py    `OpenClipEncoder`, the inference `Encoder`
+    training.py   `ClipTask`, all that fine-tuning does to a model (features, loss, locking, state, saving)
+    local_dir.py  open_clip local-dir folders (config + weights): writing one, a random initialisation
+
+This module itself imports nothing heavy: command-line code reads the file names below before it loads torch.
+"""
+
+CONFIG_FILE = "open_clip_config.json"  # a local-dir folder's model (and preprocessing) config, as open_clip names it
+WEIGHTS_FILE = "open_clip_model.safetensors"  # the weights file this project writes into a local-dir folder
