@@ -1,7 +1,8 @@
-"""Image encoding throughput: model-only forward, the plain open_clip loop, and our build pipeline per precision.
+"""Image encoding throughput: model-only forward, the plain open_clip loop, and our build pipeline per runtime and
+precision (torch fp32/int8/bf16, ONNX Runtime fp32/int8).
 
     python -m benchmarks.image_encoding                     # ViT-B-32, random weights (same cost as real ones)
-    python -m benchmarks.image_encoding --demo-dir demo_data  # also recall@k per precision on the trained demo model
+    python -m benchmarks.image_encoding --demo-dir demo_data  # also recall@k per variant on the trained demo model
 
 Model-only: `encode_pixels` on tensors preprocessed in advance. Plain loop: open, convert, open_clip preprocess,
 stack, encode, batch after batch (what a user writes first). Pipeline: `indexer build`'s code (threads decode and
@@ -43,8 +44,9 @@ def pipeline(encoder, root: Path, samples, batch_size, work: Path):
 
 
 def main() -> None:
-    parser = encoding_parser(__doc__, 192, None, "trained demo: recall@k per precision")
-    parser.add_argument("--precisions", default="fp32,int8,bf16")
+    parser = encoding_parser(__doc__, 192, None, "trained demo: recall@k per runtime and precision")
+    parser.add_argument("--variants", default="torch:fp32,torch:int8,torch:bf16,onnx:fp32,onnx:int8",
+                        help="RUNTIME:PRECISION pairs (the ONNX towers are exported once, before the timings)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
 
@@ -56,9 +58,9 @@ def main() -> None:
         first = create_encoder(spec)
         spec = EncoderSpec.from_args(f"local-dir:{save_local_dir(first, work / 'model')}", None)
         del first
-    precisions = args.precisions.split(",")
-    encoders = {p: create_encoder(spec, batch_size=args.batch_size, precision=p) for p in precisions}
-    fp32 = encoders["fp32"]
+    variants = [tuple(v.split(":")) for v in args.variants.split(",")]
+    encoders = {f"{r} {p}": create_encoder(spec, r, batch_size=args.batch_size, precision=p) for r, p in variants}
+    fp32 = create_encoder(spec, "torch", batch_size=args.batch_size)
     for encoder in encoders.values():
         encoder.fingerprint  # hashed once at load time, not per image: keep it out of the timings
 
@@ -69,21 +71,21 @@ def main() -> None:
     for _ in range(args.repeats):
         tick = time.perf_counter()
         fp32.encode_pixels(pixels)
-        rows.setdefault("model-only forward (fp32)", []).append(args.n / (time.perf_counter() - tick))
+        rows.setdefault("model-only forward (torch fp32)", []).append(args.n / (time.perf_counter() - tick))
         tick = time.perf_counter()
         reference = plain_loop(fp32, paths, args.batch_size)
-        rows.setdefault("plain open_clip loop (fp32)", []).append(args.n / (time.perf_counter() - tick))
-    cosines = {"plain open_clip loop (fp32)": 1.0}
-    for precision, encoder in encoders.items():
-        name = f"pipeline ({precision})"
+        rows.setdefault("plain open_clip loop (torch fp32)", []).append(args.n / (time.perf_counter() - tick))
+    cosines = {"plain open_clip loop (torch fp32)": 1.0}
+    for variant, encoder in encoders.items():
+        name = f"pipeline ({variant})"
         for _ in range(args.repeats):
             tick = time.perf_counter()
             vectors = pipeline(encoder, work / "photos", samples, args.batch_size, work)
             rows.setdefault(name, []).append(args.n / (time.perf_counter() - tick))
         cosines[name] = float(np.mean(np.sum(vectors * reference, axis=1)))
 
-    model_only = statistics.median(rows["model-only forward (fp32)"])
-    plain = statistics.median(rows["plain open_clip loop (fp32)"])
+    model_only = statistics.median(rows["model-only forward (torch fp32)"])
+    plain = statistics.median(rows["plain open_clip loop (torch fp32)"])
     print(machine())
     print(f"{args.model} ({args.pretrained}), {args.n} photo-like 640x480 JPEGs, batch {args.batch_size}, "
           f"median of {args.repeats} runs\n")
@@ -99,15 +101,16 @@ def main() -> None:
         images = args.demo_dir / "scenes" / "Flicker8k_Dataset"
         test = read_dataset("flickr8k", token, images, "test")
         demo_spec = EncoderSpec.from_args(f"local-dir:{args.demo_dir / 'model'}", None)
-        print(f"\nrecall@k on the demo's test split ({len(test)} images) per precision:\n")
-        print("| precision | text→image R@1 / R@5 / R@10 | image→text R@1 / R@5 / R@10 |")
+        print(f"\nrecall@k on the demo's test split ({len(test)} images) per runtime and precision:\n")
+        print("| runtime precision | text→image R@1 / R@5 / R@10 | image→text R@1 / R@5 / R@10 |")
         print("|---|---|---|")
-        for precision in precisions:
+        for runtime, precision in variants:
             out = Path(tempfile.mkdtemp(dir=work)) / "index"
-            build_index(test, images, create_encoder(demo_spec, precision=precision), out, BuildConfig(progress=False))
+            demo = create_encoder(demo_spec, runtime, precision=precision)
+            build_index(test, images, demo, out, BuildConfig(progress=False))
             m = evaluate(open_index(out)).to_json()
             t, i = m["text_to_image"], m["image_to_text"]
-            print(f"| {precision} | {t['R@1']:.2f} / {t['R@5']:.2f} / {t['R@10']:.2f} | "
+            print(f"| {runtime} {precision} | {t['R@1']:.2f} / {t['R@5']:.2f} / {t['R@10']:.2f} | "
                   f"{i['R@1']:.2f} / {i['R@5']:.2f} / {i['R@10']:.2f} |")
 
 

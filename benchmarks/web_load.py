@@ -5,7 +5,8 @@
 
 Serves the app on loopback with `python -m web` and with gunicorn (sync workers answer on their main thread, the
 gthread worker on other threads); clients keep their connections open and send distinct queries (no cache hits). Reports p50/p99
-latency and requests/s for 1 and 4 concurrent clients.
+latency and requests/s for 1 and 4 concurrent clients, per runtime (--runtimes torch,onnx): the ratio column is
+the ONNX Runtime server's p50 over the torch server's, measured in the same run.
 """
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--index", type=Path, default=None)
     parser.add_argument("--requests", type=int, default=200, help="requests per client count")
+    parser.add_argument("--runtimes", default="torch,onnx", help="servers' --runtime values, compared in the table")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
 
@@ -65,39 +67,52 @@ def main() -> None:
         photos = photo_like_images(work / "photos", 256)
         random_draw = create_encoder(EncoderSpec.from_args("ViT-B-32", "none"))  # saved: the server must load
         folder = save_local_dir(random_draw, work / "model")  # the same weights
-        encoder = create_encoder(EncoderSpec.from_args(f"local-dir:{folder}", None))
+        encoder = create_encoder(EncoderSpec.from_args(f"local-dir:{folder}", None), "torch")
         index = work / "index"
         build_index([Sample(p.name) for p in photos], work / "photos", encoder, index, BuildConfig(progress=False))
     else:
-        encoder = create_encoder(open_index(index).manifest.encoder)
+        encoder = None
 
     texts = captions(args.requests * 7, seed=7)
-    encode_times = []
-    for text in texts[:args.requests]:
-        tick = time.perf_counter()
-        encoder.encode_texts([text])
-        encode_times.append(time.perf_counter() - tick)
-    encode_p50, _ = percentiles(encode_times)
-    del encoder
+    runtimes = args.runtimes.split(",")
+    encode_p50 = {}
+    for runtime in runtimes:
+        encoder = create_encoder(open_index(index).manifest.encoder, runtime)
+        encode_times = []
+        for text in texts[:args.requests]:
+            tick = time.perf_counter()
+            encoder.encode_texts([text])
+            encode_times.append(time.perf_counter() - tick)
+        encode_p50[runtime] = percentiles(encode_times)[0]
+        del encoder
 
-    rows = []
-    gunicorn = [sys.executable, "-m", "gunicorn", "--timeout", "120", f'web:create_app(index="{index}")', "-b"]
-    for label, command in (
-            ("python -m web (threads; model calls on the main thread)",
-             [sys.executable, "-m", "web", "--index", str(index), "--port"]),
-            ("gunicorn sync, 1 worker", [*gunicorn[:3], "-w", "1", *gunicorn[3:]]),
-            ("gunicorn sync, 2 workers", [*gunicorn[:3], "-w", "2", *gunicorn[3:]]),
-            ("gunicorn gthread, 1 worker x 4 threads", [*gunicorn[:3], "-w", "1", "--threads", "4", *gunicorn[3:]])):
-        rows += [(label, *row) for row in serve_and_load(command, texts[args.requests:], args.requests)]
+    rows: dict[tuple, dict] = {}
+    for runtime in runtimes:
+        app = f'web:create_app(index="{index}", runtime="{runtime}")'
+        gunicorn = [sys.executable, "-m", "gunicorn", "--timeout", "120", app, "-b"]
+        for label, command in (
+                ("python -m web (threads; model calls on the main thread)",
+                 [sys.executable, "-m", "web", "--index", str(index), "--runtime", runtime, "--port"]),
+                ("gunicorn sync, 1 worker", [*gunicorn[:3], "-w", "1", *gunicorn[3:]]),
+                ("gunicorn sync, 2 workers", [*gunicorn[:3], "-w", "2", *gunicorn[3:]]),
+                ("gunicorn gthread, 1 worker x 4 threads", [*gunicorn[:3], "-w", "1", "--threads", "4",
+                                                            *gunicorn[3:]])):
+            for clients, *measured in serve_and_load(command, texts[args.requests:], args.requests):
+                rows.setdefault((label, clients), {})[runtime] = measured
 
     print(machine())
     print(f"index {index} ({open_index(index).manifest.n_images} images, {open_index(index).manifest.encoder}); "
           f"{args.requests} distinct text queries per row\n")
-    print(f"text encode alone (same model, in process, main thread): p50 {encode_p50:.1f} ms\n")
-    print("| server | clients | p50 ms | p99 ms | requests/s | p50 / encode p50 |")
-    print("|---|---|---|---|---|---|")
-    for label, clients, p50, p99, rate in rows:
-        print(f"| {label} | {clients} | {p50:.1f} | {p99:.1f} | {rate:.1f} | {p50 / encode_p50:.2f}x |")
+    print("text encode alone (same model, in process, main thread): " +
+          ", ".join(f"{r} p50 {encode_p50[r]:.1f} ms" for r in runtimes) + "\n")
+    base, other = runtimes[0], runtimes[-1]
+    print(f"| server | clients | " + " | ".join(f"{r} p50 ms | {r} p99 ms | {r} requests/s" for r in runtimes) +
+          f" | {other} p50 / {base} p50 |")
+    print("|---|---|" + "---|---|---|" * len(runtimes) + "---|")
+    for (label, clients), by_runtime in rows.items():
+        cells = " | ".join(f"{p50:.1f} | {p99:.1f} | {rate:.1f}" for p50, p99, rate in
+                           (by_runtime[r] for r in runtimes))
+        print(f"| {label} | {clients} | {cells} | {by_runtime[other][0] / by_runtime[base][0]:.2f}x |")
 
 
 def serve_and_load(command: list[str], texts: list[str], requests: int) -> list[tuple]:

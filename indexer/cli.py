@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from search.atomic import swap_into_place
-from search.cli_common import CliParser, add_model_args, run_cli
+from search.cli_common import CliParser, add_model_args, add_runtime_arg, run_cli
 from search.encoders import DEFAULT_MODEL, HF_HUB_PREFIX, LOCAL_DIR_PREFIX, EncoderSpec, create_encoder
 from search.images import DEFAULT_MAX_MEGAPIXELS
 from search.index_choice import DEFAULT_TARGET_RECALL, IndexOptions, parse_size
@@ -53,7 +53,7 @@ def _build(args: argparse.Namespace) -> int:
     if args.resume:
         resume_progress(out)  # EngineError when there is nothing to resume
     samples = read_dataset(args.format, args.annotations, args.images, args.split, args.include_hidden)
-    encoder = create_encoder(EncoderSpec.from_args(args.model, args.pretrained), device=args.device,
+    encoder = create_encoder(EncoderSpec.from_args(args.model, args.pretrained), args.runtime, device=args.device,
                              batch_size=args.batch_size, precision=args.precision)
     index = IndexOptions(args.index_type, parse_size(args.memory_budget), args.target_recall)
     config = BuildConfig(batch_size=args.batch_size, workers=args.workers, max_megapixels=args.max_megapixels,
@@ -74,7 +74,7 @@ def _update(args: argparse.Namespace) -> int:
     images = Path(args.images or source.get("images") or ".")
     samples = read_dataset(source["format"], source.get("annotations"), images, source.get("split"),
                            source.get("include_hidden", False))
-    encoder = create_encoder(manifest.encoder, device=args.device, batch_size=args.batch_size,
+    encoder = create_encoder(manifest.encoder, args.runtime, device=args.device, batch_size=args.batch_size,
                              precision=manifest.precision)
     previous.check_encoder(encoder)
     config = BuildConfig(batch_size=args.batch_size, workers=args.workers, max_megapixels=args.max_megapixels,
@@ -140,7 +140,7 @@ def format_info(details: dict) -> str:
     where = ", ".join(f"{k} {v}" for k, v in source.items() if k != "format" and v not in (None, False, ""))
     rows = [("index", details["path"]),
             ("model", f"{details['model']}, weights {details['fingerprint']}, vectors encoded in "
-                      f"{details['precision']}"),
+                      f"{details['precision']} on {details['runtime']}"),
             ("vectors", f"{details['dim']}-d, {'inner product (cosine)' if details['metric'] == 'ip' else details['metric']}"),
             ("images", f"{details['images']:,}" + (f" ({details['skipped']} files skipped at build; see manifest.json)"
                                                     if details["skipped"] else "")),
@@ -206,6 +206,7 @@ def make_parser() -> argparse.ArgumentParser:
     refresh.add_argument("--index", type=Path, required=True)
     refresh.add_argument("--images", type=Path, default=None, help="image root (default: the one recorded at build)")
     refresh.add_argument("--device", default=None)
+    add_runtime_arg(refresh)
     refresh.add_argument("--batch-size", type=int, default=64)
     refresh.add_argument("--workers", type=int, default=BuildConfig.workers)
     refresh.add_argument("--max-megapixels", type=float, default=DEFAULT_MAX_MEGAPIXELS)

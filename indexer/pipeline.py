@@ -141,7 +141,7 @@ def _manifest(encoder: Encoder, writer: IndexWriter, config: BuildConfig, source
         encoder=encoder.spec, fingerprint=encoder.fingerprint, dim=encoder.dim, n_images=writer.n_images,
         n_captions=writer.n_captions, source=dict(source or {}), skipped=tuple(skipped),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), precision=encoder.precision,
-        fast_decode=config.fast_decode)
+        runtime=encoder.runtime, fast_decode=config.fast_decode)
 
 
 def build_index(samples: Sequence[Sample], images_root: Path, encoder: Encoder, out: Path,

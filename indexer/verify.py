@@ -33,7 +33,7 @@ def info(path: Path) -> dict:
     m = index.manifest
     size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
     return {"path": str(Path(path).resolve()), "format_version": m.format_version, "model": str(m.encoder),
-            "fingerprint": m.fingerprint, "precision": m.precision, "dim": m.dim, "metric": m.metric,
+            "fingerprint": m.fingerprint, "precision": m.precision, "runtime": m.runtime, "dim": m.dim, "metric": m.metric,
             "images": m.n_images, "captions": m.n_captions, "indexes": {kind: m.index_report(kind) for kind in KINDS},
             "source": m.source, "skipped": len(m.skipped), "created": m.created, "disk_bytes": size}
 

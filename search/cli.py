@@ -29,7 +29,7 @@ def _query(args: argparse.Namespace) -> int:
     config = SearchConfig()
     query = _checked_query(args, config)
     searcher = Searcher.open(args.index, args.model, args.pretrained, args.device, config,  # index checked first
-                             precision=args.precision)
+                             precision=args.precision, runtime=args.runtime)
     hits = searcher.search(**query, target=args.target, k=args.k)
     if args.json:
         print(json.dumps({"results": [h.to_json() for h in hits]}, ensure_ascii=False, indent=2))

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
-from .encoders import DEFAULT_MODEL, DEFAULT_PRETRAINED, HF_HUB_PREFIX, LOCAL_DIR_PREFIX, PRECISIONS
+from .encoders import DEFAULT_MODEL, DEFAULT_PRETRAINED, HF_HUB_PREFIX, LOCAL_DIR_PREFIX, PRECISIONS, RUNTIMES
 from .errors import EngineError
 
 EXIT_ERROR = 1
@@ -48,6 +48,14 @@ def add_model_args(parser: argparse.ArgumentParser, default_from_index: bool = F
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
                         help="weights format for encoding: int8 = dynamic quantisation of linear layers, fastest on "
                              "CPU; bf16/fp16 for GPUs (default: fp32)")
+    add_runtime_arg(parser)
+
+
+def add_runtime_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--runtime", default="auto", choices=RUNTIMES,
+                        help="onnx: ONNX Runtime, no torch in the process (the model is exported once and cached); "
+                             "torch: open_clip on torch; auto: onnx on the CPU when the model can be exported, else "
+                             "torch (default: auto)")
 
 
 def _own_records(record: logging.LogRecord) -> bool:

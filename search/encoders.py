@@ -6,6 +6,7 @@ import a model library. An `EncoderSpec` names a model fully enough to rebuild i
 from __future__ import annotations
 
 import abc
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -14,6 +15,8 @@ import numpy as np
 from PIL import Image
 
 from .errors import ModelLoadError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
@@ -71,6 +74,7 @@ class Encoder(abc.ABC):
     dim: int
     image_size: int | None = None  # side of the model's square input, when it has one
     precision: str = "fp32"  # numeric format of the weights at inference: fp32, bf16, fp16 or int8
+    runtime: str = "torch"  # what runs the model: torch or onnx (RUNTIMES)
 
     @property
     @abc.abstractmethod
@@ -101,12 +105,36 @@ def _load_open_clip(spec: EncoderSpec, **options) -> Encoder:
     return load_open_clip(spec, **options)
 
 
-# family → loader: (EncoderSpec, device=, batch_size=, precision=) → Encoder, ModelLoadError on any failure
-LOADERS: dict[str, Callable[..., Encoder]] = {"open_clip": _load_open_clip}
+def _load_onnx(spec: EncoderSpec, **options) -> Encoder:
+    from .onnxrt.loading import load_onnx  # no torch: an open_clip model exported once, run by ONNX Runtime
+
+    return load_onnx(spec, **options)
 
 
-def create_encoder(spec: EncoderSpec, **options) -> Encoder:
-    """Build the encoder a spec names. Raises ModelLoadError with a one-line reason on any failure."""
+# family → loader: (EncoderSpec, device=, batch_size=, precision=) → Encoder, ModelLoadError on any failure.
+# "onnx" runs open_clip models (spec.family "open_clip") exported to ONNX: the spec stays the model's identity.
+LOADERS: dict[str, Callable[..., Encoder]] = {"open_clip": _load_open_clip, "onnx": _load_onnx}
+RUNTIMES = ("auto", "torch", "onnx")  # torch = the spec's own family; auto = onnx on the CPU when it can be made
+
+
+def create_encoder(spec: EncoderSpec, runtime: str = "auto", **options) -> Encoder:
+    """Build the encoder a spec names, on `runtime`. Raises ModelLoadError with a one-line reason on any failure.
+
+    auto: ONNX Runtime on the CPU when the model is exported (or can be, once: a few seconds), else torch; a model
+    that cannot be exported falls back to torch, with the reason logged."""
+    if runtime not in RUNTIMES:
+        raise ModelLoadError(f"unknown runtime '{runtime}' (choose {', '.join(RUNTIMES)})")
+    if runtime == "auto":
+        from .onnxrt.loading import onnx_unsuited
+
+        unsuited = onnx_unsuited(spec, options.get("device"), options.get("precision", "fp32"))
+        if unsuited is None:
+            try:
+                return LOADERS["onnx"](spec, **options)
+            except ModelLoadError as exc:
+                log.info("running %s on torch: %s", spec, exc)
+    elif runtime == "onnx":
+        return LOADERS["onnx"](spec, **options)
     if spec.family not in LOADERS:
         raise ModelLoadError(f"unknown encoder family '{spec.family}' (known: {', '.join(sorted(LOADERS))})")
     return LOADERS[spec.family](spec, **options)

@@ -36,6 +36,7 @@ class Manifest:
     created: str = ""
     indexes: dict = field(default_factory=dict)  # per kind: params (e.g. nprobe), tuned recall@10, bytes
     precision: str = "fp32"  # what the vectors were encoded with; queries may use another (cosine ~0.999 apart)
+    runtime: str = "torch"  # what encoded the vectors: torch or onnx (equal to ~1e-6; informational)
     fast_decode: bool = False  # JPEGs decoded at reduced scale (build --fast-decode); update and verify do the same
     format_version: int = FORMAT_VERSION
 
@@ -67,7 +68,7 @@ class Manifest:
                        caption_factory=data["caption_factory"], source=data.get("source", {}),
                        skipped=tuple(data.get("skipped", ())), created=data.get("created", ""),
                        precision=data.get("precision", "fp32"), indexes=_without_factories(data.get("indexes", {})),
-                       fast_decode=bool(data.get("fast_decode", False)),
+                       fast_decode=bool(data.get("fast_decode", False)), runtime=data.get("runtime", "torch"),
                        format_version=version)
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise IndexFormatError(f"manifest is missing or has a bad field: {exc}") from None

@@ -100,11 +100,12 @@ class Searcher:
     @classmethod
     def open(cls, index_dir: Path | str, model: str | None = None, pretrained: str | None = None,
              device: str | None = None, config: SearchConfig = SearchConfig(), precision: str = "fp32",
-             run_model: ModelRunner = run_inline) -> "Searcher":
-        """Open an index with the model it was built with, or with `model`/`pretrained` (which must match)."""
+             run_model: ModelRunner = run_inline, runtime: str = "auto") -> "Searcher":
+        """Open an index with the model it was built with, or with `model`/`pretrained` (which must match), on
+        `runtime` (search.encoders.RUNTIMES)."""
         index = open_index(index_dir)
         spec = index.manifest.encoder if model is None else EncoderSpec.from_args(model, pretrained)
-        return cls(index, create_encoder(spec, device=device, precision=precision), config, run_model)
+        return cls(index, create_encoder(spec, runtime, device=device, precision=precision), config, run_model)
 
     # -- query encoding ---------------------------------------------------------------------------------------------
 

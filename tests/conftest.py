@@ -1,6 +1,10 @@
 """Shared fixtures: tiny open_clip models written as local-dir folders, loaded through the real code path."""
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +14,19 @@ from search.encoders import EncoderSpec, create_encoder
 from search.openclip.local_dir import init_local_dir, save_local_dir
 
 from .helpers import TINY_MODEL_CFG, draw, make_pairs
+
+
+_CACHE = tempfile.mkdtemp(prefix="image-search-test-cache-")
+
+
+def pytest_configure(config):
+    """Caches (weights fingerprints, ONNX exports) live in a folder of the test session, shared with the processes
+    tests start, and never in the user's ~/.cache."""
+    os.environ["XDG_CACHE_HOME"] = _CACHE
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -25,13 +42,13 @@ def tiny_model_spec(tiny_model_dir):
 
 @pytest.fixture(scope="session")
 def tiny_encoder(tiny_model_spec):
-    return create_encoder(EncoderSpec.from_args(tiny_model_spec, None))
+    return create_encoder(EncoderSpec.from_args(tiny_model_spec, None), "torch")
 
 
 @pytest.fixture(scope="session")
 def trained_model_dir(tmp_path_factory, tiny_model_spec):
     """The tiny model trained contrastively to memorise 50 generated pairs: a model with real signal."""
-    encoder = create_encoder(EncoderSpec.from_args(tiny_model_spec, None))
+    encoder = create_encoder(EncoderSpec.from_args(tiny_model_spec, None), "torch")
     pairs = make_pairs(50, seed=1)
     pixels = torch.from_numpy(np.stack([encoder.preprocess_image(draw(*p[2])) for p in pairs]))
     tokens = encoder.tokenizer([p[1][0] for p in pairs])

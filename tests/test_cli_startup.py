@@ -119,7 +119,7 @@ def model_dir(tmp_path, tiny_model_dir, monkeypatch):
 
 
 def load(folder: Path, **options) -> OpenClipEncoder:
-    return create_encoder(EncoderSpec.from_args(f"local-dir:{folder}", None), **options)
+    return create_encoder(EncoderSpec.from_args(f"local-dir:{folder}", None), "torch", **options)
 
 
 class Counting:

@@ -53,7 +53,7 @@ def test_captions_name_every_factor_and_twins_differ_in_one():
 
 
 def _weights(folder):
-    return create_encoder(EncoderSpec.from_args(f"local-dir:{folder}", None)).model.state_dict()
+    return create_encoder(EncoderSpec.from_args(f"local-dir:{folder}", None), "torch").model.state_dict()
 
 
 REAL_FIT = finetune.Trainer.fit

@@ -42,7 +42,7 @@ def finetune_args(data, out, *extra):
 
 
 def state(folder):
-    return create_encoder(EncoderSpec.from_args(f"local-dir:{folder}", None)).model.state_dict()
+    return create_encoder(EncoderSpec.from_args(f"local-dir:{folder}", None), "torch").model.state_dict()
 
 
 def files(folder):

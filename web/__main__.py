@@ -30,7 +30,7 @@ def _serve(args: argparse.Namespace) -> int:
     elif args.index is None:
         raise IndexFormatError("give --index INDEX, or --demo for the offline demo")
     config = WebConfig(index=args.index, model=args.model, pretrained=args.pretrained, device=args.device,
-                       precision=args.precision,
+                       precision=args.precision, runtime=args.runtime,
                        images=args.images, max_upload_mb=args.max_upload_mb, admin_token=args.admin_token)
     runner = MainThreadRunner()  # model calls run on this (the main) thread: see main_thread.py
     app = create_app(config, run_model=runner)

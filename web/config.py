@@ -20,6 +20,7 @@ class WebConfig:
     pretrained: str | None = None
     device: str | None = None
     precision: str = "fp32"
+    runtime: str = "auto"  # search.encoders.RUNTIMES: onnx keeps torch out of the server process
     images: Path | None = None  # image root; default: the one recorded in the manifest at build time
     max_upload_mb: float = 20.0
     # query limits, decoding limit and text cache; its fields are also accepted flat by `from_mapping`

@@ -65,7 +65,7 @@ def init_app(app: Flask, config: WebConfig, run_model: ModelRunner = run_inline)
     if config.index is None:
         raise IndexFormatError("no index given (WebConfig.index)")
     searcher = Searcher.open(config.index, config.model, config.pretrained, config.device, config.search,
-                             config.precision, run_model)
+                             config.precision, run_model, config.runtime)
     thumbnails = ThumbnailCache(config.thumbnail_dir or default_thumbnail_dir(config.index), config.thumbnail_size,
                                 config.search.max_megapixels)
     app.extensions[EXTENSION_KEY] = state = Engine(config, searcher, thumbnails)

@@ -11,6 +11,7 @@ from PIL import Image
 
 from ..encoders import Encoder, EncoderSpec
 from ..fingerprints import remember, remembered
+from .recipe import pixel_recipe
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -26,21 +27,6 @@ def tensor_state(model: torch.nn.Module) -> tuple:
     return tuple((t.data_ptr(), t._version) for t in model.state_dict().values() if isinstance(t, torch.Tensor))
 
 
-def _split_tensor_tail(preprocess):
-    """(PIL transforms, mean, std) when `preprocess` ends in to-tensor + normalise, else None.
-
-    Those two steps on one small image cost more in torch (thread-pool handoffs) than the arithmetic itself; the
-    numpy equivalent gives the same values (to float rounding) several times faster, off torch's threads."""
-    transforms = list(getattr(preprocess, "transforms", []))
-    if len(transforms) < 2 or type(transforms[-1]).__name__ != "Normalize" or \
-            type(transforms[-2]).__name__ not in ("ToTensor", "MaybeToTensor"):
-        return None
-    normalize = transforms[-1]
-    shape = (-1, 1, 1)
-    return (transforms[:-2], np.asarray(normalize.mean, np.float32).reshape(shape),
-            np.asarray(normalize.std, np.float32).reshape(shape))
-
-
 def _can_trim_text(model) -> bool:
     """Trimming padding is exact only for a causal text tower pooled at the end-of-text token (CLIP's): no position
     then sees the padding after it. Other towers (HF text models, SigLIP's last-token pooling) run at full length."""
@@ -50,10 +36,16 @@ def _can_trim_text(model) -> bool:
 
 def _encode_text_trimmed(model, tokens: torch.Tensor) -> torch.Tensor:
     """open_clip's CLIP.encode_text run only up to the batch's longest real sequence (padding id 0)."""
+    length = int((tokens != 0).int().cumsum(dim=1).argmax(dim=1).max()) + 1  # last non-padding position + 1
+    return encode_text_prefix(model, tokens[:, :length])
+
+
+def encode_text_prefix(model, tokens: torch.Tensor) -> torch.Tensor:
+    """open_clip's CLIP.encode_text on the first tokens.shape[1] positions of a causal text tower (what ONNX export
+    traces: the length is read from the input's shape, so the exported graph takes any length)."""
     from open_clip.transformer import text_global_pool
 
-    length = int((tokens != 0).int().cumsum(dim=1).argmax(dim=1).max()) + 1  # last non-padding position + 1
-    tokens = tokens[:, :length]
+    length = tokens.shape[1]
     cast_dtype = model.transformer.get_cast_dtype()
     x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
     x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
@@ -73,7 +65,8 @@ class OpenClipEncoder(Encoder):
         self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
         self.model = model.to(device).eval()
         self.trim_text = _can_trim_text(self.model)
-        self._fast_tail = _split_tensor_tail(preprocess)
+        # open_clip's transform in numpy/PIL, bit-identical and off torch's threads (None: a step it lacks → torch)
+        self.recipe = pixel_recipe(preprocess)
         size = getattr(self.model.visual, "image_size", None)
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size) if size else None
         self.preprocess = preprocess
@@ -115,13 +108,9 @@ class OpenClipEncoder(Encoder):
         return self.tokenizer(list(texts))
 
     def preprocess_image(self, image: Image.Image) -> np.ndarray:
-        if self._fast_tail is None:
+        if self.recipe is None:
             return self.preprocess(image).numpy()
-        head, mean, std = self._fast_tail
-        for transform in head:  # open_clip's own resize and crop (PIL)
-            image = transform(image)
-        pixels = np.asarray(image.convert("RGB"), dtype=np.float32).transpose(2, 0, 1)
-        return (pixels * np.float32(1 / 255) - mean) / std
+        return self.recipe.apply(image)
 
     @torch.inference_mode()
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
