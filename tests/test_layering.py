@@ -80,3 +80,15 @@ def test_only_the_layout_module_spells_the_names_of_an_index_files():
              for node in ast.walk(ast.parse(p.read_text(encoding="utf-8")))
              if isinstance(node, ast.Constant) and node.value in spelled}
     assert {path for path, _ in found} == {"search/layout.py"}
+
+
+TORCH_FREE = ("search/onnxrt/", "search/pixels.py", "search/clip_tokenizer.py")  # the ONNX Runtime query path
+
+
+def test_the_onnx_runtime_path_imports_no_torch():
+    heavy = {"torch", "torchvision", "open_clip", "timm"}
+    found = {(p.relative_to(ROOT).as_posix(), n) for p, names in _modules() for n in names
+             if p.relative_to(ROOT).as_posix().startswith(TORCH_FREE)
+             and (n.split(".")[0] in heavy or n.startswith("search.openclip") and "exports" not in p.name)}
+    # exports.py reaches search.openclip.export only when torch is in the process already (an in-process export)
+    assert found == set()

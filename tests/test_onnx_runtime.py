@@ -192,3 +192,29 @@ def test_runtime_errors_are_one_line(folder_index):
     done = subprocess.run([sys.executable, "-m", "search", "query", "--index", "index", "--text", "x", "--runtime",
                            "jax"], cwd=folder_index, capture_output=True, text=True)
     assert done.returncode == 1 and "error:" in done.stderr
+
+
+@pytest.mark.slow
+def test_vit_b_32_on_onnx_runtime_equals_open_clip_on_real_photos(tmp_path, monkeypatch):
+    """The real architecture (random weights, same graph as the published ones) on real photos and captions."""
+    import open_clip
+
+    from search.openclip.local_dir import init_local_dir
+
+    data = pytest.importorskip("skimage.data")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = init_local_dir(open_clip.get_model_config("ViT-B-32"), tmp_path / "vit_b_32", seed=0)
+    spec = EncoderSpec.from_args(f"local-dir:{folder}", None)
+    torch_encoder, fp32, int8 = (create_encoder(spec, runtime, precision=precision)
+                                 for runtime, precision in (("torch", "fp32"), ("onnx", "fp32"), ("onnx", "int8")))
+    from PIL import Image
+
+    photos = [Image.fromarray(getattr(data, name)()).convert("RGB") for name in ("astronaut", "coffee", "chelsea",
+                                                                                 "rocket", "camera")]
+    texts = ["an astronaut in a white suit", "a cup of coffee", "a cat", "a rocket on the launch pad", "",
+             "a man with a camera on a tripod in a field, black and white photograph " * 4]
+    want_images, want_texts = torch_encoder.encode_images(photos), torch_encoder.encode_texts(texts)
+    assert cosines(fp32.encode_images(photos), want_images).min() >= 0.99999
+    assert cosines(fp32.encode_texts(texts), want_texts).min() >= 0.99999
+    assert cosines(int8.encode_images(photos), want_images).min() >= 0.999
+    assert cosines(int8.encode_texts(texts), want_texts).min() >= 0.999

@@ -21,6 +21,11 @@ from . import ONNX_PRECISIONS, TOWERS
 from .exports import Export
 
 
+# images per session run: as fast as 64 on a CPU (measured: ViT-B-32-256, 2 cores, 31.7 vs 29.0 images/s) with a
+# third of the activation memory (a 512-photo build peaks at 0.86 GB instead of 1.5 GB)
+IMAGE_RUN_BATCH = 16
+
+
 def cpu_count() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -98,9 +103,9 @@ class OnnxEncoder(Encoder):
         if len(pixels) == 0:
             return np.zeros((0, self.dim), np.float32)
         session = self.session("image")
-        out = [session.run(None, {"input": np.ascontiguousarray(pixels[start:start + self.batch_size],
-                                                                dtype=np.float32)})[0]
-               for start in range(0, len(pixels), self.batch_size)]
+        step = min(self.batch_size, IMAGE_RUN_BATCH)
+        out = [session.run(None, {"input": np.ascontiguousarray(pixels[start:start + step], dtype=np.float32)})[0]
+               for start in range(0, len(pixels), step)]
         return _normalised(np.concatenate(out))
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:

@@ -27,7 +27,7 @@ from . import DESCRIPTION_FILE, TOWERS, tower_file
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # of encoder.json; a folder of another format is exported again
+FORMAT = 2  # of encoder.json; a folder of another format is exported again (2: weights as external data)
 EXPORTS_DIR = "onnx"
 
 

