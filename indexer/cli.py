@@ -159,6 +159,16 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .embedding_folder import export_embeddings  # pyarrow: imported by this command only
+
+    folder = export_embeddings(args.index, args.out, args.rows_per_file, args.overwrite)
+    kinds = "image and caption" if folder.with_text else "image"
+    print(f"wrote {folder.rows:,} rows of {folder.dim}-d {kinds} vectors in {folder.files} file(s) to {folder.path} "
+          f"(LAION layout: embedding-reader and autofaiss read it)")
+    return 0
+
+
 def _verify(args: argparse.Namespace) -> int:
     report = verify(args.index, args.images, args.sample, use_model=not args.no_model)
     print("\n".join(report.checks))
@@ -219,6 +229,14 @@ def make_parser() -> argparse.ArgumentParser:
     about.add_argument("--index", type=Path, required=True)
     about.add_argument("--json", action="store_true")
     about.set_defaults(func=_info)
+
+    dump = commands.add_parser("export", help="write an index's vectors as an embedding folder in the LAION / "
+                                              "clip-retrieval layout (img_emb/, text_emb/, metadata/)")
+    dump.add_argument("--index", type=Path, required=True)
+    dump.add_argument("--out", type=Path, required=True, help="embedding folder to create")
+    dump.add_argument("--rows-per-file", type=int, default=1_000_000, help="rows per .npy/.parquet file")
+    dump.add_argument("--overwrite", action="store_true", help="replace an existing embedding folder at --out")
+    dump.set_defaults(func=_export)
 
     check = commands.add_parser("verify", help="check that manifest, FAISS indexes, vectors, catalog, model and "
                                                "image files agree; exit 1 on any disagreement")

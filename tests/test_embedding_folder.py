@@ -1,0 +1,66 @@
+"""`indexer export`: an index's vectors as a LAION-layout embedding folder, read back by embedding-reader (the
+reader clip-retrieval's autofaiss and index steps use) as the oracle."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from search.store import open_index
+
+from .helpers import make_pairs, write_flickr8k, write_images
+
+
+@pytest.fixture(scope="module")
+def captioned_index(tmp_path_factory, tiny_model_spec):
+    work = tmp_path_factory.mktemp("export")
+    pairs = make_pairs(9, seed=2)
+    write_images(work / "images", pairs)
+    token = write_flickr8k(work, pairs, ["train"] * len(pairs))
+    done = subprocess.run([sys.executable, "-m", "indexer", "build", "--format", "flickr8k", "--annotations",
+                           str(token), "--images", str(work / "images"), "--out", "index", "--model",
+                           tiny_model_spec, "--quiet"], cwd=work, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return work
+
+
+def test_export_is_read_back_by_embedding_reader_row_for_row(captioned_index):
+    reader_module = pytest.importorskip("embedding_reader")
+    work = captioned_index
+    done = subprocess.run([sys.executable, "-m", "indexer", "export", "--index", "index", "--out", "emb",
+                           "--rows-per-file", "10"], cwd=work, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    index = open_index(work / "index")
+    links = index.catalog.caption_links()
+    assert len(links) == 27 and "wrote 27 rows" in done.stdout and "3 file(s)" in done.stdout
+    description = json.loads((work / "emb" / "embeddings.json").read_text())
+    assert description["fingerprint"] == index.manifest.fingerprint and description["rows"] == 27
+
+    columns = ["image_path", "caption", "image_id", "caption_id"]
+    images = reader_module.EmbeddingReader(str(work / "emb" / "img_emb"), file_format="parquet_npy",
+                                           meta_columns=columns, metadata_folder=str(work / "emb" / "metadata"))
+    texts = reader_module.EmbeddingReader(str(work / "emb" / "text_emb"), file_format="parquet_npy",
+                                          meta_columns=columns, metadata_folder=str(work / "emb" / "metadata"))
+    assert images.count == texts.count == 27 and images.dimension == index.manifest.dim
+    (image_vectors, meta), = images(batch_size=100, start=0, end=27, show_progress=False)
+    (text_vectors, _), = texts(batch_size=100, start=0, end=27, show_progress=False)
+    records = {r.id: r.path for r in index.catalog.all_images()}
+    captions = index.catalog.captions([c for c, _ in links])
+    for row, (caption_id, image_id) in enumerate(links):
+        assert meta["caption_id"][row] == caption_id and meta["image_id"][row] == image_id
+        assert meta["image_path"][row] == records[image_id] and meta["caption"][row] == captions[caption_id].text
+    np.testing.assert_array_equal(image_vectors, index.image_vectors[[i for _, i in links]])
+    np.testing.assert_array_equal(text_vectors, index.caption_vectors[[c for c, _ in links]])
+
+
+def test_export_refuses_to_replace_what_is_not_an_embedding_folder(captioned_index):
+    work = captioned_index
+    (work / "precious").mkdir(exist_ok=True)
+    (work / "precious" / "notes.txt").write_text("keep me")
+    done = subprocess.run([sys.executable, "-m", "indexer", "export", "--index", "index", "--out", "precious",
+                           "--overwrite"], cwd=work, capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.startswith("error: ") and "not an embedding folder" in done.stderr
+    assert (work / "precious" / "notes.txt").read_text() == "keep me"
