@@ -11,6 +11,7 @@ from typing import Sequence
 from search.atomic import swap_into_place
 from search.cli_common import CliParser, add_model_args, add_runtime_arg, run_cli
 from search.encoders import DEFAULT_MODEL, HF_HUB_PREFIX, LOCAL_DIR_PREFIX, EncoderSpec, create_encoder
+from search.errors import DatasetError
 from search.images import DEFAULT_MAX_MEGAPIXELS
 from search.index_choice import DEFAULT_TARGET_RECALL, IndexOptions, parse_size
 from search.recall import RetrievalRecall
@@ -24,6 +25,7 @@ from .loader import Reuse
 from .pipeline import BuildConfig, build_index
 from .readers import READERS, dataset_source, read_dataset
 from .writer import check_output_dir, resume_progress
+from .from_embeddings import FORMAT_NAME as EMBEDDINGS, build_from_embeddings, describe
 from .lock import WriterLock
 from .model_folder import training_folder
 
@@ -50,6 +52,10 @@ def _one_writer(target: str, lock_if=lambda path: True):
 def _build(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_output_dir(out, args.overwrite)  # fail before loading a model or reading a dataset
+    if args.format == EMBEDDINGS:
+        return _build_from_embeddings(args)
+    if args.images is None:
+        raise DatasetError(f"--images is required for --format {args.format} (the image root)")
     if args.resume:
         resume_progress(out)  # EngineError when there is nothing to resume
     samples = read_dataset(args.format, args.annotations, args.images, args.split, args.include_hidden)
@@ -66,11 +72,31 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_from_embeddings(args: argparse.Namespace) -> int:
+    if args.embeddings is None:
+        raise DatasetError("--format embeddings needs --embeddings DIR (an embedding folder)")
+    described = describe(args.embeddings)
+    if args.model is None and described is None:
+        raise DatasetError(f"{args.embeddings} does not name its model (no embeddings.json): pass the --model (and "
+                           f"--pretrained) that made it, e.g. the one given to clip-retrieval inference")
+    spec = (EncoderSpec.from_dict(described["encoder"]) if args.model is None
+            else EncoderSpec.from_args(args.model, args.pretrained))
+    encoder = create_encoder(spec, args.runtime, device=args.device, precision=args.precision)
+    index = IndexOptions(args.index_type, parse_size(args.memory_budget), args.target_recall)
+    manifest = build_from_embeddings(args.embeddings, args.out, encoder, args.images, index, args.overwrite)
+    print(f"indexed {manifest.n_images:,} images and {manifest.n_captions:,} captions from {args.embeddings} into "
+          f"{args.out} (no encoding; queries use {manifest.encoder})")
+    return 0
+
+
 @_one_writer("index", lock_if=Path.exists)  # a missing index: open_index says so
 def _update(args: argparse.Namespace) -> int:
     previous = open_index(args.index)
     manifest = previous.manifest
     source = dict(manifest.source)
+    if source.get("format") == EMBEDDINGS:
+        raise DatasetError(f"{args.index} was built from the embedding folder {source.get('embeddings')}: build it "
+                           f"again from that folder (python -m indexer build --format embeddings ... --overwrite)")
     images = Path(args.images or source.get("images") or ".")
     samples = read_dataset(source["format"], source.get("annotations"), images, source.get("split"),
                            source.get("include_hidden", False))
@@ -183,9 +209,12 @@ def make_parser() -> argparse.ArgumentParser:
     parser = CliParser(prog="python -m indexer", description="Build image-text search indexes.")
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="encode a dataset or photo folder into a new index directory")
-    build.add_argument("--format", required=True, choices=sorted(READERS), help="dataset format")
+    build.add_argument("--format", required=True, choices=sorted(READERS) + [EMBEDDINGS],
+                       help="dataset format; embeddings: an embedding folder (indexer export, clip-retrieval)")
     build.add_argument("--annotations", type=Path, help="annotation file (all formats but folder)")
-    build.add_argument("--images", type=Path, required=True, help="root folder the annotation paths are relative to")
+    build.add_argument("--images", type=Path, default=None,
+                       help="root folder the annotation paths are relative to (optional for --format embeddings)")
+    build.add_argument("--embeddings", type=Path, default=None, help="--format embeddings: the embedding folder")
     build.add_argument("--split", help="karpathy: train|val|test|restval; flickr8k: train|val|test (default: all)")
     build.add_argument("--out", type=Path, required=True, help="index directory to create")
     add_model_args(build)
