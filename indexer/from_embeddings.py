@@ -8,7 +8,6 @@ are issue 12's on-disk path.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from search.catalog import FileInfo
-from search.encoders import Encoder, EncoderSpec
+from search.encoders import Encoder, EncoderSpec, normalised
 from search.errors import DatasetError, ModelMismatchError
 from search.index_choice import IndexOptions
 from search.manifest import Manifest
@@ -34,11 +33,6 @@ def describe(folder: Path) -> dict | None:
         return json.loads((Path(folder) / DESCRIPTION_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-
-
-def _normalised(rows: np.ndarray) -> np.ndarray:
-    rows = np.asarray(rows, np.float32)
-    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), np.float32(1e-12))
 
 
 def read_folder(folder: Path) -> tuple[list[str], np.ndarray, list[str | None], np.ndarray | None]:
@@ -66,10 +60,10 @@ def read_folder(folder: Path) -> tuple[list[str], np.ndarray, list[str | None], 
         paths += [str(p) for p in table.column("image_path").to_pylist()]
         column = table.column("caption").to_pylist() if "caption" in table.column_names else [None] * len(vectors)
         captions += [c if c else None for c in column]
-        image_parts.append(_normalised(vectors))
+        image_parts.append(normalised(vectors))
         if text is not None:
             text_parts.append(np.asarray(text, np.float32))
-    text_vectors = _normalised(np.concatenate(text_parts)) if text_parts else None
+    text_vectors = normalised(np.concatenate(text_parts)) if text_parts else None
     return paths, np.concatenate(image_parts), captions, text_vectors
 
 
@@ -78,14 +72,12 @@ def _file(root: Path | None, path: str) -> tuple[tuple[int, int], FileInfo | Non
     target = root / path if root is not None else None
     if target is None or not target.is_file():
         return (0, 0), None
-    data = target.read_bytes()
     try:
         with Image.open(target) as image:
             size = image.size
     except OSError:
         size = (0, 0)
-    stat = target.stat()
-    return size, FileInfo(stat.st_size, stat.st_mtime_ns, hashlib.sha1(data).hexdigest())
+    return size, FileInfo.of(target.stat(), target.read_bytes())
 
 
 def build_from_embeddings(folder: Path | str, out: Path | str, encoder: Encoder, images_root: Path | None = None,

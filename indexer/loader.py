@@ -8,7 +8,6 @@ may exceed the wall-clock time of the build.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import threading
 import time
 from collections import deque
@@ -133,7 +132,7 @@ class ImageLoader:
                     return Reused(sample, (known.width, known.height), reuse.image_vectors[known.id],
                                   FileInfo(known.size, known.mtime_ns, known.sha1))
                 data = path.read_bytes()
-                file = FileInfo(stat.st_size, stat.st_mtime_ns, hashlib.sha1(data).hexdigest())
+                file = FileInfo.of(stat, data)
             same = reuse and reuse.same_content(file.sha1)
             if same:
                 moved = same.path != sample.image

@@ -6,6 +6,8 @@ not cross threads), and read-only.
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import sqlite3
 import threading
 from dataclasses import dataclass
@@ -26,6 +28,11 @@ class FileInfo:
     size: int
     mtime_ns: int
     sha1: str
+
+    @classmethod
+    def of(cls, stat: os.stat_result, data: bytes) -> "FileInfo":
+        """A file's identity from its stat and its bytes (read once by the caller)."""
+        return cls(stat.st_size, stat.st_mtime_ns, hashlib.sha1(data).hexdigest())
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,12 @@ class Encoder(abc.ABC):
         return self.encode_pixels(np.stack([self.preprocess_image(im) for im in images]))
 
 
+def normalised(rows: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length in float32, as the Encoder contract promises (zero rows stay zero)."""
+    rows = np.asarray(rows, dtype=np.float32)
+    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), np.float32(1e-12))
+
+
 def _load_open_clip(spec: EncoderSpec, **options) -> Encoder:
     from .openclip.loading import load_open_clip  # imported when a model is built: torch and open_clip take seconds
 

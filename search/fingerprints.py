@@ -29,9 +29,14 @@ MAX_ENTRIES = 256  # oldest dropped first; one entry per distinct weights file i
 FACTS = {"fingerprint": str, "dim": int}  # what an entry may hold
 
 
-def cache_path() -> Path:
+def app_cache_dir() -> Path:
+    """$XDG_CACHE_HOME (default ~/.cache)/image-text-retrieval: every cache of this project lives under it."""
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / APP_DIR / CACHE_FILE
+    return Path(root) / APP_DIR
+
+
+def cache_path() -> Path:
+    return app_cache_dir() / CACHE_FILE
 
 
 def file_identity(path: str | os.PathLike) -> list | None:

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from ..clip_tokenizer import ClipTokenizer
-from ..encoders import Encoder
+from ..encoders import Encoder, normalised
 from ..errors import ModelLoadError
 from ..pixels import PixelRecipe
 from . import ONNX_PRECISIONS, TOWERS
@@ -31,11 +31,6 @@ def cpu_count() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return max(1, os.cpu_count() or 1)
-
-
-def _normalised(features: np.ndarray) -> np.ndarray:
-    features = np.asarray(features, dtype=np.float32)
-    return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), np.float32(1e-12))
 
 
 class OnnxEncoder(Encoder):
@@ -80,11 +75,6 @@ class OnnxEncoder(Encoder):
                                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc}") from None
             return self._sessions[tower]
 
-    def release(self, tower: str) -> None:
-        """Drop a tower's session (its weights leave memory); it is made again if used later."""
-        with self._lock:
-            self._sessions.pop(tower, None)
-
     @property
     def tokenizer(self) -> ClipTokenizer:
         with self._lock:
@@ -106,7 +96,7 @@ class OnnxEncoder(Encoder):
         step = min(self.batch_size, IMAGE_RUN_BATCH)
         out = [session.run(None, {"input": np.ascontiguousarray(pixels[start:start + step], dtype=np.float32)})[0]
                for start in range(0, len(pixels), step)]
-        return _normalised(np.concatenate(out))
+        return normalised(np.concatenate(out))
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         if len(texts) == 0:
@@ -121,4 +111,4 @@ class OnnxEncoder(Encoder):
             rows = order[start:start + self.batch_size]
             batch = tokens[rows, :int(lengths[rows].max())] if self.export.text_trim else tokens[rows]
             out[rows] = session.run(None, {"input": batch})[0]
-        return _normalised(out)
+        return normalised(out)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from pathlib import Path
 
 from ..encoders import EncoderSpec
 from ..errors import ModelLoadError
-from ..fingerprints import APP_DIR, file_identity
+from ..fingerprints import app_cache_dir, file_identity
 from . import DESCRIPTION_FILE, TOWERS, tower_file
 
 log = logging.getLogger(__name__)
@@ -32,8 +31,7 @@ EXPORTS_DIR = "onnx"
 
 
 def exports_root() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / APP_DIR / EXPORTS_DIR
+    return app_cache_dir() / EXPORTS_DIR
 
 
 def spec_hash(spec: EncoderSpec) -> str:

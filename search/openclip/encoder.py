@@ -36,8 +36,13 @@ def _can_trim_text(model) -> bool:
 
 def _encode_text_trimmed(model, tokens: torch.Tensor) -> torch.Tensor:
     """open_clip's CLIP.encode_text run only up to the batch's longest real sequence (padding id 0)."""
+    return encode_text_prefix(model, trimmed(tokens))
+
+
+def trimmed(tokens: torch.Tensor) -> torch.Tensor:
+    """The batch cut after its longest real sequence (padding id 0)."""
     length = int((tokens != 0).int().cumsum(dim=1).argmax(dim=1).max()) + 1  # last non-padding position + 1
-    return encode_text_prefix(model, tokens[:, :length])
+    return tokens[:, :length]
 
 
 def encode_text_prefix(model, tokens: torch.Tensor) -> torch.Tensor:

@@ -22,12 +22,12 @@ from PIL import Image
 
 from ..atomic import swap_into_place
 from ..clip_tokenizer import VOCAB_FILE, ClipTokenizer, open_clip_vocab_path
-from ..encoders import EncoderSpec
+from ..encoders import EncoderSpec, normalised
 from ..errors import ModelLoadError
 from ..fingerprints import file_identity
 from ..onnxrt import tower_file
 from ..onnxrt.exports import Export, folder_for
-from .encoder import OpenClipEncoder, _can_trim_text, encode_text_prefix
+from .encoder import OpenClipEncoder, _can_trim_text, encode_text_prefix, trimmed
 from .loading import _weights_files, build
 from .recipe import pixel_recipe
 
@@ -81,9 +81,7 @@ def _export(module: torch.nn.Module, example: torch.Tensor, path: Path, axes: di
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a = a / np.linalg.norm(a, axis=1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True)
-    return float((a * b).sum(1).min())
+    return float((normalised(a) * normalised(b)).sum(1).min())
 
 
 def _graph_problem(folder: Path, encoder: OpenClipEncoder, pixels: torch.Tensor, tokens: torch.Tensor,
@@ -94,7 +92,7 @@ def _graph_problem(folder: Path, encoder: OpenClipEncoder, pixels: torch.Tensor,
     with torch.inference_mode():
         expected = {"image": model.encode_image(pixels).float().numpy(), "text": model.encode_text(tokens).float().numpy()}
     if any_length:
-        tokens = tokens[:, :int((tokens != 0).int().cumsum(dim=1).argmax(dim=1).max()) + 1]
+        tokens = trimmed(tokens)
     inputs = {"image": pixels.numpy(), "text": tokens.numpy()}
     for tower in ("image", "text"):
         session = ort.InferenceSession(str(folder / tower_file(tower, "fp32")), providers=["CPUExecutionProvider"])
