@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -19,14 +20,18 @@ from search.store import open_index
 
 # search.openclip and .finetune import torch (seconds): imported where used, so that --help and bad
 # arguments answer at once
-from .verify import info, verify
+from .verify import format_info, info, verify
 
 from .loader import Reuse
 from .pipeline import BuildConfig, build_index
 from .readers import READERS, dataset_source, read_dataset
 from .writer import check_output_dir, resume_progress
 from .from_embeddings import FORMAT_NAME as EMBEDDINGS, build_from_embeddings, describe
+from .ondisk_build import OnDiskOptions, build_on_disk, should_build_on_disk
+from .ondisk_index_build import DEFAULT_MEMORY_BUDGET
 from .lock import WriterLock
+from .ray_cluster import ENGINES
+from .ray_engine import PARTITION_SAMPLES
 from .model_folder import training_folder
 
 
@@ -67,9 +72,21 @@ def _build(args: argparse.Namespace) -> int:
                          fast_decode=args.fast_decode)
     source = dataset_source(args.format, args.annotations, args.images, args.split,
                             include_hidden=args.include_hidden)
-    report = build_index(samples, args.images, encoder, out, config, source)
-    print(report.summary())
+    print(_run_build(args, samples, args.images, encoder, out, config, source).summary())
     return 0
+
+
+def _run_build(args: argparse.Namespace, samples, images: Path, encoder, out: Path, config: BuildConfig,
+               source: dict, reuse: Reuse | None = None):
+    """The build or update on the engine --engine names."""
+    if args.engine == "local":
+        return build_index(samples, images, encoder, out, config, source, reuse)
+    from .ray_build import build_index_on_ray  # Ray is imported by --engine ray only
+    from .ray_engine import RayOptions
+
+    options = RayOptions(args.ray_address, args.workers if args.workers_given else None, args.partition_samples,
+                         args.runtime, args.device)
+    return build_index_on_ray(samples, images, encoder, out, config, options, source, reuse)
 
 
 def _build_from_embeddings(args: argparse.Namespace) -> int:
@@ -82,10 +99,23 @@ def _build_from_embeddings(args: argparse.Namespace) -> int:
     spec = (EncoderSpec.from_dict(described["encoder"]) if args.model is None
             else EncoderSpec.from_args(args.model, args.pretrained))
     encoder = create_encoder(spec, args.runtime, device=args.device, precision=args.precision)
-    index = IndexOptions(args.index_type, parse_size(args.memory_budget), args.target_recall)
-    manifest = build_from_embeddings(args.embeddings, args.out, encoder, args.images, index, args.overwrite)
+    budget = parse_size(args.memory_budget)
+    on_disk = args.on_disk or should_build_on_disk(args.embeddings, budget)
+    if on_disk:
+        if args.resume:
+            raise DatasetError("an on-disk build cannot --resume: run it again without --resume")
+        if not args.on_disk:
+            logging.getLogger(__name__).info("the vectors of %s exceed --memory-budget %s as float32: building an "
+                                             "on-disk index", args.embeddings, args.memory_budget)
+        options = OnDiskOptions(args.index_type, budget or DEFAULT_MEMORY_BUDGET, args.target_recall,
+                                engine=getattr(args, "engine", "local"), ray_address=getattr(args, "ray_address", None),
+                                progress=not args.quiet)
+        manifest = build_on_disk(args.embeddings, args.out, encoder, args.images, options, args.overwrite)
+    else:
+        index = IndexOptions(args.index_type, budget, args.target_recall)
+        manifest = build_from_embeddings(args.embeddings, args.out, encoder, args.images, index, args.overwrite)
     print(f"indexed {manifest.n_images:,} images and {manifest.n_captions:,} captions from {args.embeddings} into "
-          f"{args.out} (no encoding; queries use {manifest.encoder})")
+          f"{args.out} (no encoding; queries use {manifest.encoder}{'; on disk' if on_disk else ''})")
     return 0
 
 
@@ -106,8 +136,8 @@ def _update(args: argparse.Namespace) -> int:
     config = BuildConfig(batch_size=args.batch_size, workers=args.workers, max_megapixels=args.max_megapixels,
                          index=IndexOptions(target_recall=args.target_recall), overwrite=True,
                          resume=args.resume, progress=not args.quiet, fast_decode=manifest.fast_decode)
-    report = build_index(samples, images, encoder, args.index, config, {**source, "images": str(images.resolve())},
-                         Reuse(previous))
+    report = _run_build(args, samples, images, encoder, args.index, config,
+                        {**source, "images": str(images.resolve())}, Reuse(previous))
     print(report.summary())
     return 0
 
@@ -140,45 +170,6 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _size(n_bytes: float) -> str:
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if n_bytes < 1024 or unit == "GB":
-            return f"{n_bytes:.0f} {unit}" if unit == "bytes" else f"{n_bytes:.1f} {unit}"
-        n_bytes /= 1024
-    return ""
-
-
-def _index_line(entry: dict) -> str:
-    """'IVF1024,Flat: nprobe 10, recall@10 0.991 against exact search, 12.3 MB' from a manifest's index report."""
-    parts = [", ".join(f"{k} {v}" for k, v in (entry.get("params") or {}).items())]
-    if entry.get("recall_at_10") is not None and entry.get("params"):
-        parts.append(f"recall@10 {entry['recall_at_10']:.3f} against exact search")
-    if entry.get("memory_bytes"):
-        parts.append(_size(entry["memory_bytes"]) + " in memory")
-    factory = entry.get("factory")
-    details = "; ".join(p for p in parts if p)
-    return f"{factory}{' (exact)' if factory == 'Flat' else ''}{': ' + details if details else ''}"
-
-
-def format_info(details: dict) -> str:
-    """`indexer info` as text a person reads: one labelled line per fact, sizes and counts formatted."""
-    source = details.get("source") or {}
-    where = ", ".join(f"{k} {v}" for k, v in source.items() if k != "format" and v not in (None, False, ""))
-    rows = [("index", details["path"]),
-            ("model", f"{details['model']}, weights {details['fingerprint']}, vectors encoded in "
-                      f"{details['precision']} on {details['runtime']}"),
-            ("vectors", f"{details['dim']}-d, {'inner product (cosine)' if details['metric'] == 'ip' else details['metric']}"),
-            ("images", f"{details['images']:,}" + (f" ({details['skipped']} files skipped at build; see manifest.json)"
-                                                    if details["skipped"] else "")),
-            ("captions", f"{details['captions']:,}")]
-    rows += [(f"{kind.rstrip('s')} index", _index_line(entry)) for kind, entry in details["indexes"].items()]
-    rows += [("source", f"{source.get('format', '?')}{': ' + where if where else ''}"),
-             ("created", details["created"] or "unknown"), ("size on disk", _size(details["disk_bytes"])),
-             ("format", f"version {details['format_version']}")]
-    width = max(len(label) for label, _ in rows)
-    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
-
-
 def _info(args: argparse.Namespace) -> int:
     details = info(args.index)
     print(json.dumps(details, indent=2, ensure_ascii=False) if args.json else format_info(details))
@@ -205,6 +196,28 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Workers(argparse.Action):
+    """--workers N, remembering that it was given (its default differs by engine)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.workers, namespace.workers_given = values, True
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", default="local", choices=ENGINES,
+                        help="local: this process (default); ray: decode and encode on a Ray cluster (a local one "
+                             "unless --ray-address), resumable partition by partition")
+    parser.add_argument("--ray-address", default=None,
+                        help="--engine ray: the cluster to join, HOST:PORT or 'auto' (default: start Ray here)")
+    parser.add_argument("--workers", type=int, default=BuildConfig.workers, action=_Workers,
+                        help=f"local: image decoding threads (default: {BuildConfig.workers}); ray: encoding actors "
+                             f"(default: one per GPU, else CPUs - 1)")
+    parser.add_argument("--partition-samples", type=int, default=PARTITION_SAMPLES,
+                        help=f"--engine ray: samples per partition, the unit written once and resumed from "
+                             f"(default: {PARTITION_SAMPLES})")
+    parser.set_defaults(workers_given=False)
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = CliParser(prog="python -m indexer", description="Build image-text search indexes.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -219,14 +232,17 @@ def make_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", type=Path, required=True, help="index directory to create")
     add_model_args(build)
     build.add_argument("--batch-size", type=int, default=64, help="images per model call (default: 64)")
-    build.add_argument("--workers", type=int, default=BuildConfig.workers,
-                       help=f"image decoding threads (default: {BuildConfig.workers})")
+    _add_engine_args(build)
     build.add_argument("--max-megapixels", type=float, default=DEFAULT_MAX_MEGAPIXELS,
                        help=f"skip images larger than this (default: {DEFAULT_MAX_MEGAPIXELS:g})")
     build.add_argument("--index-type", default=None,
                        help="FAISS factory string, e.g. Flat, IVF4096,Flat, IVF1024,PQ32 (default: chosen from the "
                             "collection size and --memory-budget)")
     build.add_argument("--memory-budget", default=None, help="bound on the vectors' memory, e.g. 2GB (default: none)")
+    build.add_argument("--on-disk", action="store_true",
+                       help="--format embeddings: stream the folder into an on-disk IVF-PQ with exact re-ranking, "
+                            "every step within --memory-budget (default 2GB); chosen automatically when the vectors "
+                            "exceed --memory-budget")
     build.add_argument("--target-recall", type=float, default=DEFAULT_TARGET_RECALL,
                        help=f"recall@10 against exact search that approximate indexes are tuned to reach "
                             f"(default: {DEFAULT_TARGET_RECALL})")
@@ -247,7 +263,7 @@ def make_parser() -> argparse.ArgumentParser:
     refresh.add_argument("--device", default=None)
     add_runtime_arg(refresh)
     refresh.add_argument("--batch-size", type=int, default=64)
-    refresh.add_argument("--workers", type=int, default=BuildConfig.workers)
+    _add_engine_args(refresh)
     refresh.add_argument("--max-megapixels", type=float, default=DEFAULT_MAX_MEGAPIXELS)
     refresh.add_argument("--target-recall", type=float, default=DEFAULT_TARGET_RECALL)
     refresh.add_argument("--resume", action="store_true", help="continue an interrupted update")

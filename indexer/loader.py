@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence, Union
 
 import numpy as np
+from PIL import Image
 
 from search.catalog import FileInfo
-from search.encoders import Encoder
 from search.errors import ImageReadError
 from search.images import load_image
 from search.store import StoredIndex
@@ -98,8 +98,14 @@ class Reuse:
             return record
         return None
 
-    def same_content(self, sha1: str):
-        return self.by_hash.get(sha1)
+    def by_content(self, sample: Sample, file: FileInfo) -> Reused | None:
+        """The stored vector of a file whose content the previous index holds (touched, moved or renamed)."""
+        same = self.by_hash.get(file.sha1)
+        if same is None:
+            return None
+        moved = same.path != sample.image
+        return Reused(sample, (same.width, same.height), self.image_vectors[same.id], file,
+                      "moved" if moved else "unchanged", same.path if moved else None)
 
     def caption_vectors(self, texts: Sequence[str], encode) -> np.ndarray:
         """Stored vectors for known texts, `encode` for the rest, in order."""
@@ -113,17 +119,22 @@ class ImageLoader:
     """`loader(sample)` → Reused | Decoded | Skipped, safe to call from several threads; `loader.stream(...)` runs
     it over samples on a pool, in order."""
 
-    def __init__(self, images_root: Path, encoder: Encoder, max_megapixels: float, fast_decode: bool = False,
-                 reuse: Reuse | None = None, clock: StageClock | None = None):
+    def __init__(self, images_root: Path, preprocess: Callable[[Image.Image], np.ndarray], max_megapixels: float,
+                 min_side: int | None = None, reuse: Reuse | None = None, clock: StageClock | None = None,
+                 shown_root: Path | None = None):
+        """`preprocess`: an encoder's `preprocess_image` (or its picklable `image_preprocessor()` in a worker
+        process); `min_side`: the model's input side for reduced-scale JPEG decoding (--fast-decode), else None;
+        `shown_root`: the root as the user gave it, for messages (a worker reads from the resolved one)."""
         self.root = Path(images_root)
-        self.encoder = encoder
+        self.shown_root = Path(shown_root) if shown_root is not None else self.root
+        self.preprocess = preprocess
         self.max_megapixels = max_megapixels
-        self.min_side = encoder.image_size if fast_decode else None  # reduced-scale JPEG decoding stops there
+        self.min_side = min_side
         self.reuse = reuse
         self.clock = clock or StageClock()
 
     def __call__(self, sample: Sample) -> Loaded:
-        path, reuse = self.root / sample.image, self.reuse
+        path, reuse, shown = self.root / sample.image, self.reuse, self.shown_root / sample.image
         try:
             with self.clock("read"):
                 stat = path.stat()
@@ -133,22 +144,20 @@ class ImageLoader:
                                   FileInfo(known.size, known.mtime_ns, known.sha1))
                 data = path.read_bytes()
                 file = FileInfo.of(stat, data)
-            same = reuse and reuse.same_content(file.sha1)
+            same = reuse and reuse.by_content(sample, file)
             if same:
-                moved = same.path != sample.image
-                return Reused(sample, (same.width, same.height), reuse.image_vectors[same.id], file,
-                              "moved" if moved else "unchanged", same.path if moved else None)
+                return same
             with self.clock("decode"):
-                image = load_image(data, self.max_megapixels, self.min_side, name=str(path))
-                pixels = self.encoder.preprocess_image(image)
+                image = load_image(data, self.max_megapixels, self.min_side, name=str(shown))
+                pixels = self.preprocess(image)
             return Decoded(sample, image.info["source_size"], pixels, file,
                            "changed" if reuse and sample.image in reuse.records else "new")
         except FileNotFoundError:
-            return Skipped(sample, f"{path}: file not found")
+            return Skipped(sample, f"{shown}: file not found")
         except ImageReadError as exc:
             return Skipped(sample, str(exc))
         except OSError as exc:
-            return Skipped(sample, f"{path}: cannot read ({exc.strerror or exc})")
+            return Skipped(sample, f"{shown}: cannot read ({exc.strerror or exc})")
 
     def stream(self, samples: Iterable[Sample], pool: Executor, ahead: int) -> Iterator[Loaded]:
         """Loaded samples in order, with at most `ahead` in flight on `pool`."""

@@ -128,14 +128,14 @@ def _skip_records(batch: Sequence[Loaded]) -> list[dict]:
     return records
 
 
-def _job(encoder: Encoder, config: BuildConfig, n_samples: int, source: dict | None, update: bool) -> dict:
+def build_job(encoder: Encoder, config: BuildConfig, n_samples: int, source: dict | None, update: bool) -> dict:
     """What a resume must match: an interrupted build continues only with the same job."""
     return {"source": source or {}, "encoder": encoder.spec.to_dict(), "fingerprint": encoder.fingerprint,
             "precision": encoder.precision, "samples": n_samples, "update": update,
             "max_megapixels": config.max_megapixels, "fast_decode": config.fast_decode}
 
 
-def _manifest(encoder: Encoder, writer: IndexWriter, config: BuildConfig, source: dict | None,
+def build_manifest(encoder: Encoder, writer: IndexWriter, config: BuildConfig, source: dict | None,
               skipped: Sequence[dict]) -> Manifest:
     return Manifest(
         encoder=encoder.spec, fingerprint=encoder.fingerprint, dim=encoder.dim, n_images=writer.n_images,
@@ -150,8 +150,9 @@ def build_index(samples: Sequence[Sample], images_root: Path, encoder: Encoder, 
     """Encode every readable sample (or take its vector from `reuse`) and write a complete index to `out`
     atomically. Ids follow the order of `samples`, so an update equals a fresh build of the same files."""
     started, clock, changes = time.perf_counter(), StageClock(), Changes(reuse)
-    loader = ImageLoader(images_root, encoder, config.max_megapixels, config.fast_decode, reuse, clock)
-    job = _job(encoder, config, len(samples), source, reuse is not None)
+    loader = ImageLoader(images_root, encoder.preprocess_image, config.max_megapixels,
+                         encoder.image_size if config.fast_decode else None, reuse, clock)
+    job = build_job(encoder, config, len(samples), source, reuse is not None)
     # route log lines around the progress bar only when there is one (the redirect replaces the root's handlers)
     redirect = logging_redirect_tqdm() if config.progress else contextlib.nullcontext()
     with redirect, IndexWriter(out, config.overwrite, encoder.dim, job, config.resume) as writer, \
@@ -175,6 +176,6 @@ def build_index(samples: Sequence[Sample], images_root: Path, encoder: Encoder, 
             reason = skipped[0]["reason"] if skipped else "no samples"
             raise DatasetError(f"none of the {len(samples)} images could be read (first: {reason})")
         with clock("index"):
-            manifest = writer.commit(_manifest(encoder, writer, config, source, skipped), config.index)
+            manifest = writer.commit(build_manifest(encoder, writer, config, source, skipped), config.index)
     return BuildReport(Path(out), manifest.n_images, manifest.n_captions, tuple(skipped),
                        time.perf_counter() - started, dict(clock.seconds), changes.result(samples, skipped))

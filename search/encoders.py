@@ -93,6 +93,10 @@ class Encoder(abc.ABC):
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Texts → normalised embeddings."""
 
+    def image_preprocessor(self) -> Callable[[Image.Image], np.ndarray]:
+        """`preprocess_image` as a picklable function that holds no model, for worker processes (Ray tasks)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot preprocess in another process")
+
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         if not images:
             return np.zeros((0, self.dim), np.float32)

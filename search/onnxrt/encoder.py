@@ -89,6 +89,9 @@ class OnnxEncoder(Encoder):
     def preprocess_image(self, image: Image.Image) -> np.ndarray:
         return self.recipe.apply(image)
 
+    def image_preprocessor(self):
+        return self.recipe.apply  # a frozen dataclass's method: pickles without the sessions
+
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
         if len(pixels) == 0:
             return np.zeros((0, self.dim), np.float32)

@@ -60,6 +60,16 @@ def encode_text_prefix(model, tokens: torch.Tensor) -> torch.Tensor:
     return x
 
 
+class _TorchPreprocess:
+    """open_clip's own transform → numpy, picklable (for a transform PixelRecipe cannot reproduce)."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        return self.transform(image).numpy()
+
+
 class OpenClipEncoder(Encoder):
     def __init__(self, spec: EncoderSpec, model, preprocess, tokenizer, device: torch.device, batch_size: int = 64,
                  precision: str = "fp32", dim: int | None = None):
@@ -116,6 +126,9 @@ class OpenClipEncoder(Encoder):
         if self.recipe is None:
             return self.preprocess(image).numpy()
         return self.recipe.apply(image)
+
+    def image_preprocessor(self):
+        return self.recipe.apply if self.recipe is not None else _TorchPreprocess(self.preprocess)
 
     @torch.inference_mode()
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
