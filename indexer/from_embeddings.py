@@ -4,7 +4,7 @@
 Rows are (image, caption) pairs (see embedding_folder.py): rows with the same image_path become one image, its vector
 taken from its first row, with every non-empty caption of its rows and their text vectors. Vectors are normalised
 again in float32 (clip-retrieval stores float16). The whole folder is read into memory: indexes larger than memory
-are issue 12's on-disk path.
+are built by streaming it instead (ondisk_build.py, `--on-disk`).
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from search.errors import DatasetError, ModelMismatchError
 from search.index_choice import IndexOptions
 from search.manifest import Manifest
 
-from .embedding_folder import DESCRIPTION_FILE, IMAGE_DIR, METADATA_DIR, TEXT_DIR
+from .embedding_folder import DESCRIPTION_FILE
+from .embedding_stream import folder_files
 from .writer import IndexWriter
 
 FORMAT_NAME = "embeddings"  # --format embeddings
@@ -40,14 +41,8 @@ def read_folder(folder: Path) -> tuple[list[str], np.ndarray, list[str | None], 
     name as embedding-reader pairs them. Raises DatasetError for a folder that is not in the layout."""
     import pyarrow.parquet as pq
 
-    folder = Path(folder)
-    images = sorted((folder / IMAGE_DIR).glob("*.npy"))
-    metadata = sorted((folder / METADATA_DIR).glob("*.parquet"))
-    texts = sorted((folder / TEXT_DIR).glob("*.npy"))
-    if not images or len(images) != len(metadata) or (texts and len(texts) != len(images)):
-        raise DatasetError(f"{folder} is not an embedding folder: expected as many {IMAGE_DIR}/*.npy as "
-                           f"{METADATA_DIR}/*.parquet files (and {TEXT_DIR}/*.npy if any); found {len(images)}, "
-                           f"{len(metadata)} and {len(texts)}")
+    files = folder_files(folder)  # the layout checked, files paired
+    images, texts, metadata = [f.path for f in files.images], [f.path for f in files.texts or ()], files.metadata
     paths, captions, image_parts, text_parts = [], [], [], []
     for number, (image_file, meta_file) in enumerate(zip(images, metadata)):
         table = pq.read_table(meta_file)
@@ -67,7 +62,7 @@ def read_folder(folder: Path) -> tuple[list[str], np.ndarray, list[str | None], 
     return paths, np.concatenate(image_parts), captions, text_vectors
 
 
-def _file(root: Path | None, path: str) -> tuple[tuple[int, int], FileInfo | None]:
+def file_info(root: Path | None, path: str) -> tuple[tuple[int, int], FileInfo | None]:
     """(width, height) from the image header and the file's identity, when the image is under `root`."""
     target = root / path if root is not None else None
     if target is None or not target.is_file():
@@ -80,16 +75,22 @@ def _file(root: Path | None, path: str) -> tuple[tuple[int, int], FileInfo | Non
     return size, FileInfo.of(target.stat(), target.read_bytes())
 
 
-def build_from_embeddings(folder: Path | str, out: Path | str, encoder: Encoder, images_root: Path | None = None,
-                          options: IndexOptions = IndexOptions(), overwrite: bool = False) -> Manifest:
-    """Write the index at `out` from the vectors in `folder`. `encoder` is the model queries will use: it must be the
-    one embeddings.json names (when there is one) and give vectors of the folder's width."""
-    folder = Path(folder)
+def check_model(folder: Path, encoder: Encoder) -> dict | None:
+    """embeddings.json of `folder` (None when it has none); ModelMismatchError when it names another model."""
     described = describe(folder)
     if described is not None and (EncoderSpec.from_dict(described["encoder"]) != encoder.spec
                                   or described["fingerprint"] != encoder.fingerprint):
         raise ModelMismatchError(f"{folder} was made with {EncoderSpec.from_dict(described['encoder'])} (weights "
                                  f"{described['fingerprint']}), not {encoder.spec} ({encoder.fingerprint})")
+    return described
+
+
+def build_from_embeddings(folder: Path | str, out: Path | str, encoder: Encoder, images_root: Path | None = None,
+                          options: IndexOptions = IndexOptions(), overwrite: bool = False) -> Manifest:
+    """Write the index at `out` from the vectors in `folder`. `encoder` is the model queries will use: it must be the
+    one embeddings.json names (when there is one) and give vectors of the folder's width."""
+    folder = Path(folder)
+    described = check_model(folder, encoder)
     paths, image_vectors, captions, text_vectors = read_folder(folder)
     if image_vectors.shape[1] != encoder.dim:
         raise ModelMismatchError(f"{folder} holds {image_vectors.shape[1]}-d vectors but {encoder.spec} gives "
@@ -104,7 +105,7 @@ def build_from_embeddings(folder: Path | str, out: Path | str, encoder: Encoder,
     with IndexWriter(Path(out), overwrite, encoder.dim, {"source": source}) as writer:
         for path, row in first.items():
             rows = caption_rows.get(path, [])
-            size, file = _file(root, path)
+            size, file = file_info(root, path)
             writer.add(path, size, [captions[r] for r in rows], image_vectors[row],
                        text_vectors[rows] if rows else np.zeros((0, encoder.dim), np.float32), file)
         manifest = Manifest(encoder=encoder.spec, fingerprint=encoder.fingerprint, dim=encoder.dim,

@@ -45,6 +45,7 @@ class BuildConfig:
     resume: bool = False  # continue an interrupted build of the same job from its last completed batch
     fast_decode: bool = False  # JPEGs decoded at reduced scale (DCT domain): faster, vectors slightly off open_clip's
     progress: bool = True
+    on_disk: object | None = None  # indexer.ondisk_build.OnDiskOptions: on-disk IVF indexes (--on-disk)
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,7 @@ def build_index(samples: Sequence[Sample], images_root: Path, encoder: Encoder, 
             reason = skipped[0]["reason"] if skipped else "no samples"
             raise DatasetError(f"none of the {len(samples)} images could be read (first: {reason})")
         with clock("index"):
-            manifest = writer.commit(build_manifest(encoder, writer, config, source, skipped), config.index)
+            manifest = writer.commit(build_manifest(encoder, writer, config, source, skipped), config.index,
+                                     config.on_disk)
     return BuildReport(Path(out), manifest.n_images, manifest.n_captions, tuple(skipped),
                        time.perf_counter() - started, dict(clock.seconds), changes.result(samples, skipped))

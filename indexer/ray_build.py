@@ -76,7 +76,8 @@ def build_index_on_ray(samples: Sequence[Sample], images_root: Path, encoder: En
             raise DatasetError(f"none of the {len(samples)} images could be read (first: {reason})")
         shutil.rmtree(writer.tmp / RAY_PARTS_DIR, ignore_errors=True)  # not part of the index swapped into place
         with clock("index"):
-            manifest = writer.commit(build_manifest(encoder, writer, config, source, skipped), config.index)
+            manifest = writer.commit(build_manifest(encoder, writer, config, source, skipped), config.index,
+                                     config.on_disk)
     stages = {stage: seconds for stage, seconds in clock.seconds.items() if stage in ("encode", "write", "index")}
     return BuildReport(Path(out), manifest.n_images, manifest.n_captions, tuple(skipped),
                        time.perf_counter() - started, stages, changes.result(samples, skipped))

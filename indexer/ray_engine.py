@@ -33,6 +33,7 @@ from .readers import Sample
 
 PARTITION_SAMPLES = 256  # samples per partition: the unit of work that is written once and resumed from
 DECODE_BATCH = 16
+ENCODE_BATCH = 16  # rows per actor call: small batches keep decoding and encoding overlapped (ONNX runs 16 at once)
 MAX_RETRIES = 3  # per task and per actor: a worker that keeps dying fails the job rather than hanging it
 ENCODED, SKIPPED, UNCHANGED = 0, 1, 2  # a sample's status in a partition file; UNCHANGED: kept by an update as is
 
@@ -70,8 +71,9 @@ def pool_size(resources: dict, workers: int | None) -> int:
 # -- on the workers -----------------------------------------------------------------------------------------------
 
 def decode_batch(batch: dict, root: str, shown_root: str, preprocess, max_megapixels: float,
-                 min_side: int | None) -> dict:
-    """Ray task: read and decode the images of a batch of rows; pixels as float32 bytes (b"" when not decoded)."""
+                 min_side: int | None, pixel_shape: tuple) -> dict:
+    """Ray task: read and decode the images of a batch of rows; pixels [n, *pixel_shape] float32, zeros for the rows
+    not decoded (a tensor column: Ray hands it to the actor without a copy per row)."""
     loader = ImageLoader(Path(root), preprocess, max_megapixels, min_side, shown_root=Path(shown_root))
     out = {key: [] for key in ("status", "reason", "width", "height", "file_size", "mtime_ns", "sha1", "pixels")}
     for image, decode in zip(batch["image"], batch["decode"]):
@@ -85,16 +87,18 @@ def decode_batch(batch: dict, root: str, shown_root: str, preprocess, max_megapi
         out["file_size"].append(decoded.file.size if decoded else 0)
         out["mtime_ns"].append(decoded.file.mtime_ns if decoded else 0)
         out["sha1"].append(decoded.file.sha1 if decoded else "")
-        out["pixels"].append(np.ascontiguousarray(decoded.pixels, np.float32).tobytes() if decoded else b"")
-    arrays = {key: np.array(values, dtype=object if key == "pixels" else None) for key, values in out.items()}
-    return {"row": batch["row"], "texts": batch["texts"], **arrays}
+        out["pixels"].append(decoded.pixels if decoded else None)
+    shape = next((p.shape for p in out["pixels"] if p is not None), pixel_shape)
+    pixels = np.stack([p if p is not None else np.zeros(shape, np.float32) for p in out.pop("pixels")])
+    return {"row": batch["row"], "texts": batch["texts"], "pixels": pixels.astype(np.float32, copy=False),
+            **{key: np.array(values) for key, values in out.items()}}
 
 
 class EncodeActor:
     """Ray actor: holds one encoder; encodes the decoded pixels and the texts of each batch."""
 
     def __init__(self, spec: dict, runtime: str, device: str | None, batch_size: int, precision: str,
-                 pixel_shape: tuple, threads: int):
+                 threads: int):
         self.encoder = create_encoder(EncoderSpec.from_dict(spec), runtime, device=device, batch_size=batch_size,
                                       precision=precision)
         # this actor's share of its machine's cores (Ray sets OMP_NUM_THREADS=1 in workers, which torch follows)
@@ -104,15 +108,14 @@ class EncodeActor:
             torch.set_num_threads(threads)
         else:
             self.encoder.threads = threads  # read when its sessions are made, on the first batch
-        self.pixel_shape = tuple(pixel_shape)
+            self.encoder.spin = False  # decoding runs in other processes on the same cores
 
     def __call__(self, batch: dict) -> dict:
         dim = self.encoder.dim
         encoded = [i for i, status in enumerate(batch["status"]) if status == ENCODED]
         vectors = [b""] * len(batch["status"])
         if encoded:
-            pixels = np.stack([np.frombuffer(batch["pixels"][i], np.float32).reshape(self.pixel_shape)
-                               for i in encoded])
+            pixels = batch["pixels"][encoded]
             for i, vector in zip(encoded, self.encoder.encode_pixels(pixels)):
                 vectors[i] = np.asarray(vector, np.float32).tobytes()
         texts = [json.loads(t) for t in batch["texts"]]
@@ -161,14 +164,15 @@ def encode_partitions(rows: list[dict], work: Path, size: int, encoder: Encoder,
     warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated", category=DeprecationWarning)
     dataset = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // DECODE_BATCH, 512)))
     dataset = dataset.map_batches(
-        decode_batch, batch_size=DECODE_BATCH, batch_format="numpy", num_cpus=1, max_retries=MAX_RETRIES,
+        decode_batch, batch_size=DECODE_BATCH, batch_format="numpy", num_cpus=0.5, max_retries=MAX_RETRIES,
         fn_kwargs=dict(root=str(Path(images_root).resolve()), shown_root=str(images_root), preprocess=encoder.image_preprocessor(),
-                       max_megapixels=max_megapixels, min_side=min_side))
+                       max_megapixels=max_megapixels, min_side=min_side, pixel_shape=pixel_shape))
     dataset = dataset.map_batches(
-        EncodeActor, batch_size=batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=actors),
+        EncodeActor, batch_size=min(batch_size, ENCODE_BATCH), batch_format="numpy",
+        compute=ActorPoolStrategy(size=actors),
         num_cpus=0 if gpus else 1, num_gpus=gpus, max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES,
         fn_constructor_kwargs=dict(spec=encoder.spec.to_dict(), runtime=options.runtime, device=options.device,
-                                   batch_size=batch_size, precision=encoder.precision, pixel_shape=pixel_shape,
+                                   batch_size=batch_size, precision=encoder.precision,
                                    threads=max(1, resources["CPU"] // actors)))
     expected = {}
     for row in rows:

@@ -156,12 +156,19 @@ class IndexWriter:
     def _vectors(self, kind: str) -> np.ndarray:
         return np.fromfile(self.tmp / RAW_VECTOR_FILES[kind], np.float32).reshape(-1, self.dim)
 
-    def commit(self, manifest: Manifest, options: IndexOptions = IndexOptions()) -> Manifest:
+    def commit(self, manifest: Manifest, options: IndexOptions = IndexOptions(), on_disk=None) -> Manifest:
         """Write vectors, choose/train/tune and write the FAISS indexes, write the manifest (last, with the chosen
-        factories and parameters), then swap the directory into place."""
+        factories and parameters), then swap the directory into place. `on_disk` (indexer.ondisk_build.OnDiskOptions):
+        on-disk IVF indexes built from the vectors a chunk at a time instead (never all in memory)."""
         for raw in self._raw.values():
             raw.close()
         self.catalog.close()
+        if on_disk is not None:
+            from .ondisk_build import commit_on_disk  # it imports this module
+
+            reports = commit_on_disk(self.tmp, {kind: self.tmp / name for kind, name in RAW_VECTOR_FILES.items()},
+                                     self.dim, on_disk)
+            return self._finish(manifest, reports)
         vectors = {kind: self._vectors(kind) for kind in KINDS}
         total = max(1, sum(len(v) for v in vectors.values()))
         reports = {}
@@ -175,6 +182,10 @@ class IndexWriter:
             if report.params:
                 log.info("%s index %s tuned to %s: recall@10 %.3f against exact search", kind, report.factory,
                          report.params, report.recall_at_10)
+        return self._finish(manifest, reports)
+
+    def _finish(self, manifest: Manifest, reports: dict) -> Manifest:
+        """The manifest with the indexes' reports, written last in the work directory, swapped into place."""
         factories = {kind: report.pop("factory") for kind, report in reports.items()}  # stored once, on its own
         manifest = replace(manifest, image_factory=factories["images"], caption_factory=factories["captions"],
                            indexes=reports)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from .errors import DuplicateImageError
+
 SCHEMA = """
 CREATE TABLE images (id INTEGER PRIMARY KEY, path TEXT NOT NULL UNIQUE, width INTEGER, height INTEGER,
                      size INTEGER, mtime_ns INTEGER, sha1 TEXT);
@@ -73,8 +75,11 @@ class CatalogWriter:
             file: FileInfo | None = None) -> tuple[int, list[int]]:
         image_id = self.n_images
         file = file or FileInfo(0, 0, "")
-        self.conn.execute("INSERT INTO images VALUES (?, ?, ?, ?, ?, ?, ?)",
-                          (image_id, path, width, height, file.size, file.mtime_ns, file.sha1))
+        try:
+            self.conn.execute("INSERT INTO images VALUES (?, ?, ?, ?, ?, ?, ?)",
+                              (image_id, path, width, height, file.size, file.mtime_ns, file.sha1))
+        except sqlite3.IntegrityError:
+            raise DuplicateImageError(f"{path} is in the catalog already") from None
         caption_ids = list(range(self.n_captions, self.n_captions + len(captions)))
         self.conn.executemany("INSERT INTO captions VALUES (?, ?, ?)",
                               [(cid, image_id, text) for cid, text in zip(caption_ids, captions)])

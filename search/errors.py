@@ -29,6 +29,10 @@ class DatasetError(EngineError):
     """An annotation file or image folder cannot be read, or yields nothing usable."""
 
 
+class DuplicateImageError(DatasetError):
+    """An image path the catalog being written already holds."""
+
+
 class ImageReadError(EngineError):
     """An image cannot be decoded (missing, corrupt, truncated, not an image, too large)."""
 

@@ -85,7 +85,7 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(f[:k]) & set(t)) / k for f, t in zip(found, truth)]))
 
 
-def _held_out_queries(vectors: np.ndarray, queries: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+def held_out_queries(vectors: np.ndarray, queries: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
     if queries is not None and len(queries):
         return np.ascontiguousarray(queries[rng.choice(len(queries), min(TUNING_QUERIES, len(queries)), replace=False)])
     # no queries of the other modality: perturbed copies of stored vectors (cosine ~0.8 to their source), so a
@@ -95,18 +95,24 @@ def _held_out_queries(vectors: np.ndarray, queries: np.ndarray | None, rng: np.r
     return noisy / np.linalg.norm(noisy, axis=1, keepdims=True)
 
 
+def raise_nprobe(index: VectorIndex, queries: np.ndarray, exact: np.ndarray, target: float,
+                 ceiling: int) -> tuple[int, float]:
+    """Set on `index` the smallest nprobe up to `ceiling` whose recall@k against the `exact` top-k ids reaches
+    `target` (doubling while far below it, then in quarter steps); (nprobe, recall reached)."""
+    nprobe = 1
+    while True:
+        index.set_params({"nprobe": nprobe})
+        recall = recall_at_k(index.search(queries, exact.shape[1])[1], exact)
+        if recall >= target or nprobe >= ceiling:
+            return nprobe, recall
+        nprobe = min(ceiling, nprobe * 2 if recall < target - 0.05 else nprobe + max(1, nprobe // 4))
+
+
 def tune(index: VectorIndex, vectors: np.ndarray, queries: np.ndarray, target: float, k: int = 10) -> IndexReport:
     """Smallest nprobe (IVF) reaching `target` recall@k against exact search; the highest tried if none does."""
     exact = VectorIndex.build(vectors, "Flat", index.metric).search(queries, k)[1]
     nlist = faiss.extract_index_ivf(index.index).nlist
-    recall = 0.0
-    nprobe = 1
-    while True:
-        index.set_params({"nprobe": nprobe})
-        recall = recall_at_k(index.search(queries, k)[1], exact)
-        if recall >= target or nprobe >= nlist:
-            break
-        nprobe = min(nlist, nprobe * 2 if recall < target - 0.05 else nprobe + max(1, nprobe // 4))
+    nprobe, recall = raise_nprobe(index, queries, exact, target, nlist)
     if recall < target:
         log.warning("%s reaches recall@%d %.3f < target %.3f even at nprobe=%d", index.factory, k, recall, target,
                     nprobe)
@@ -132,5 +138,5 @@ def build_tuned(vectors: np.ndarray, factory: str | None = None, memory_budget: 
     if not factory.startswith("IVF") or n == 0:
         return index, IndexReport(factory, {}, 1.0 if factory == "Flat" else None, memory)
     rng = np.random.default_rng(seed)
-    report = tune(index, vectors, _held_out_queries(vectors, queries, rng), target_recall)
+    report = tune(index, vectors, held_out_queries(vectors, queries, rng), target_recall)
     return index, IndexReport(factory, report.params, report.recall_at_10, memory)

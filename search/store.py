@@ -14,6 +14,7 @@ from .encoders import Encoder
 from .errors import IndexFormatError, ModelMismatchError
 from .layout import CATALOG_NAME, FAISS_FILES, INDEX_FILES, KINDS, MANIFEST_NAME, VECTOR_FILES
 from .manifest import Manifest, read_manifest
+from .ondisk_index import OnDiskIndex
 from .vector_index import VectorIndex
 
 
@@ -22,14 +23,17 @@ class StoredIndex:
     path: Path
     manifest: Manifest
     catalog: Catalog
-    images: VectorIndex
-    captions: VectorIndex
-    image_vectors: np.ndarray  # raw float32 vectors, memory-mapped when opened: bound to this version's files
+    images: VectorIndex | OnDiskIndex
+    captions: VectorIndex | OnDiskIndex
+    # raw vectors, memory-mapped when opened: bound to this version's files. float32, except in on-disk indexes
+    # built from a float16 embedding folder (manifest indexes[kind]["on_disk"]), which keep float16: callers that
+    # compute with them convert rows to float32 (np.asarray(rows, np.float32))
+    image_vectors: np.ndarray
     caption_vectors: np.ndarray
     version: tuple = ()  # identity of the manifest file: changes whenever a build or update swaps a new index in
 
     def vectors(self, kind: str) -> np.ndarray:
-        """The raw float32 vectors ('images' or 'captions') of this version."""
+        """The raw vectors ('images' or 'captions') of this version: float32, or float16 (on-disk indexes)."""
         return self.image_vectors if kind == "images" else self.caption_vectors
 
     def check_encoder(self, encoder: Encoder) -> None:
@@ -55,22 +59,29 @@ def open_index(path: Path | str) -> StoredIndex:
         if not (path / name).is_file():
             raise IndexFormatError(f"index {path} is incomplete: {name} is missing")
     try:
-        images, captions = (VectorIndex.load(path / FAISS_FILES[kind], manifest.factory(kind), manifest.metric,
-                                             manifest.indexes.get(kind, {}).get("params")) for kind in KINDS)
-    except RuntimeError as exc:
+        vectors = [_open_vectors(path / VECTOR_FILES[kind]) for kind in KINDS]
+    except ValueError as exc:
+        raise IndexFormatError(f"index {path}: unreadable vectors file ({exc})") from None
+    try:
+        images, captions = (_open_faiss(path, kind, manifest, raw) for kind, raw in zip(KINDS, vectors))
+    except (RuntimeError, ValueError) as exc:
         raise IndexFormatError(f"index {path}: cannot read FAISS index ({str(exc).splitlines()[0]})") from None
     for kind, index, expected in (("image", images, manifest.n_images), ("caption", captions, manifest.n_captions)):
         if index.ntotal != expected or (index.ntotal and index.dim != manifest.dim):
             raise IndexFormatError(
                 f"index {path}: {kind} index holds {index.ntotal} vectors of dim {index.dim}, manifest says "
                 f"{expected} of dim {manifest.dim}")
-    try:
-        vectors = [_open_vectors(path / VECTOR_FILES[kind]) for kind in KINDS]
-    except ValueError as exc:
-        raise IndexFormatError(f"index {path}: unreadable vectors file ({exc})") from None
     stat = (path / MANIFEST_NAME).stat()
     return StoredIndex(path, manifest, Catalog(path / CATALOG_NAME), images, captions, *vectors,
                        (stat.st_ino, stat.st_mtime_ns))
+
+
+def _open_faiss(path: Path, kind: str, manifest: Manifest, vectors: np.ndarray) -> VectorIndex | OnDiskIndex:
+    entry = manifest.indexes.get(kind, {})
+    if entry.get("on_disk"):  # IVF lists in NAME.ivfdata, candidates re-scored from the raw vectors
+        return OnDiskIndex.load(path / FAISS_FILES[kind], vectors, manifest.factory(kind), manifest.metric,
+                                entry.get("params"))
+    return VectorIndex.load(path / FAISS_FILES[kind], manifest.factory(kind), manifest.metric, entry.get("params"))
 
 
 def _open_vectors(path: Path) -> np.ndarray:

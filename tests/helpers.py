@@ -135,3 +135,19 @@ def build_test_index(root: Path, pairs, model_spec: str, name: str = "index") ->
                          "--out", str(out), "--model", model_spec, "--quiet"])
     assert code == 0, f"test index build failed with exit code {code}"
     return out
+
+
+def build_flickr8k_index(work: Path, model_spec: str, n: int = 9) -> Path:
+    """n captioned images in Flickr8k's layout under `work`, indexed as `work/index` by the real CLI run from `work`
+    (relative --out)."""
+    import subprocess
+    import sys
+
+    pairs = make_pairs(n, seed=2)
+    write_images(work / "images", pairs)
+    token = write_flickr8k(work, pairs, ["train"] * len(pairs))
+    done = subprocess.run([sys.executable, "-m", "indexer", "build", "--format", "flickr8k", "--annotations",
+                           str(token), "--images", str(work / "images"), "--out", "index", "--model", model_spec,
+                           "--quiet"], cwd=work, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return work

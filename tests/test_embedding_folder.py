@@ -11,20 +11,12 @@ import pytest
 
 from search.store import open_index
 
-from .helpers import make_pairs, write_flickr8k, write_images
+from .helpers import build_flickr8k_index
 
 
 @pytest.fixture(scope="module")
 def captioned_index(tmp_path_factory, tiny_model_spec):
-    work = tmp_path_factory.mktemp("export")
-    pairs = make_pairs(9, seed=2)
-    write_images(work / "images", pairs)
-    token = write_flickr8k(work, pairs, ["train"] * len(pairs))
-    done = subprocess.run([sys.executable, "-m", "indexer", "build", "--format", "flickr8k", "--annotations",
-                           str(token), "--images", str(work / "images"), "--out", "index", "--model",
-                           tiny_model_spec, "--quiet"], cwd=work, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    return work
+    return build_flickr8k_index(tmp_path_factory.mktemp("export"), tiny_model_spec)
 
 
 def test_export_is_read_back_by_embedding_reader_row_for_row(captioned_index):

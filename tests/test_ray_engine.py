@@ -171,3 +171,21 @@ def test_two_node_cluster_on_loopback_builds_the_same_index(tiny_model_spec, tmp
     finally:
         stop_cluster(cluster)
     assert_same_index(tmp_path / "local", tmp_path / "two-nodes")
+
+
+def test_ray_build_on_disk_answers_as_the_local_index(ray_address, tiny_model_spec, tmp_path):
+    """`--engine ray --on-disk`: encoded on Ray, the vectors streamed into an on-disk IVF (shards as Ray tasks)."""
+    from search.searcher import Searcher
+
+    images, annotations = dataset(tmp_path / "data", 40)
+    run(*build_args(images, annotations, tmp_path / "local", tiny_model_spec))
+    run(*build_args(images, annotations, tmp_path / "on-disk", tiny_model_spec, "--engine", "ray", "--ray-address",
+                    ray_address, "--partition-samples", "8", "--on-disk", "--index-type", "IVF4,Flat",
+                    "--target-recall", "1.0"))
+    assert_same_index(tmp_path / "local", tmp_path / "on-disk")
+    manifest = json.loads((tmp_path / "on-disk" / "manifest.json").read_text())
+    assert manifest["indexes"]["images"]["on_disk"] and (tmp_path / "on-disk" / "images.ivfdata").is_file()
+    local, on_disk = Searcher.open(tmp_path / "local"), Searcher.open(tmp_path / "on-disk")
+    for caption in ("a red circle on a dark background", "blue bar", "the triangle is yellow"):
+        expected = [(hit.image, round(hit.score, 5)) for hit in local.search(text=caption, k=5)]
+        assert [(hit.image, round(hit.score, 5)) for hit in on_disk.search(text=caption, k=5)] == expected

@@ -46,6 +46,7 @@ class OnnxEncoder(Encoder):
         self.precision = precision
         self.batch_size = batch_size
         self.threads = threads or cpu_count()
+        self.spin = True  # ONNX Runtime's idle threads spin-wait (fastest when this process has the cores to itself)
         self.recipe = PixelRecipe.from_json(export.pixels)
         self._sessions: dict[str, object] = {}
         self._tokenizer: ClipTokenizer | None = None
@@ -65,6 +66,8 @@ class OnnxEncoder(Encoder):
 
                 options = ort.SessionOptions()
                 options.intra_op_num_threads = self.threads
+                if not self.spin:  # idle threads sleep instead of spinning: the cores go to other processes
+                    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
                 options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
                 options.log_severity_level = 3  # errors only: its warnings are about its own graph rewrites
                 try:
