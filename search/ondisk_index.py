@@ -56,6 +56,15 @@ class OnDiskIndex(VectorIndex):
         self.params = {**{k: v for k, v in self.params.items() if k != REFINE_PARAM}, **params,
                        REFINE_PARAM: self.refine}
 
+    def _mapped(self) -> np.ndarray:
+        """The raw vectors through a mapping made for one search and dropped after it: the pages it reads stay in the
+        page cache (shared, reclaimable) instead of adding up in this process's resident memory, search after search
+        (tuning re-scores hundreds of thousands of rows scattered over the whole file)."""
+        vectors = self.vectors
+        if isinstance(vectors, np.memmap) and vectors.filename and len(vectors):
+            return np.memmap(vectors.filename, vectors.dtype, "r", vectors.offset, vectors.shape)
+        return vectors
+
     def candidates(self, queries: np.ndarray, k: int) -> np.ndarray:
         """The ids the IVF proposes for `k` results: [n, min(ntotal, k × refine)], -1 where it found fewer."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
@@ -70,11 +79,12 @@ class OnDiskIndex(VectorIndex):
         ids = np.full((len(queries), max(k, 0)), -1, np.int64)
         if k <= 0:
             return scores, ids
+        vectors = self._mapped()
         for row, (query, found) in enumerate(zip(queries, self.candidates(queries, k))):
             found = np.unique(found[found >= 0])  # ascending: pages of the mapped file read in order
             if not len(found):
                 continue
-            exact = rescore(self.vectors, found, query, self.metric)
+            exact = rescore(vectors, found, query, self.metric)
             best = np.lexsort((found, -exact if self.metric == "ip" else exact))[:k]  # stable: ties by id
             scores[row, :len(best)], ids[row, :len(best)] = exact[best], found[best]
         return scores, ids
