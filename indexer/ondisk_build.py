@@ -152,6 +152,7 @@ def build_ondisk_indexes(tmp: Path, budget: Budget, options: OnDiskOptions, dim:
         trained = trained_index(vectors, factory, "ip", budget, options.seed, options.progress)
         shards = _fill(trained, vectors, tmp / SHARDS_DIR / kind, budget, options)
         merge_shards(trained, shards, tmp / FAISS_FILES[kind], tmp / IVFDATA_FILES[kind], options.progress)
+        del trained  # its read-write mapping of the merged lists; the search below maps them read-only
         shutil.rmtree(tmp / SHARDS_DIR)
         index = OnDiskIndex.load(tmp / FAISS_FILES[kind], np.load(tmp / VECTOR_FILES[kind], mmap_mode="r"), factory,
                                  "ip", {REFINE_PARAM: refine})

@@ -63,9 +63,11 @@ def part_file(work: Path, number: int) -> Path:
 def pool_size(resources: dict, workers: int | None) -> int:
     """Encoding actors: as asked, else one per GPU, else CPUs - 1 (an actor per CPU starves the decoding tasks and
     can hang the dataset, ray #44687)."""
-    if workers:
-        return workers
-    return resources["GPU"] or max(1, resources["CPU"] - 1)
+    room = resources["GPU"] or max(1, resources["CPU"] - 1)
+    if workers and workers > room:  # the pool would wait for ever for resources the cluster does not have
+        raise EngineError(f"--workers {workers}: the Ray cluster has {resources['CPU']} CPUs and {resources['GPU']} "
+                          f"GPUs, room for {room} encoding actor(s) (one per GPU, or one CPU left for decoding)")
+    return workers or room
 
 
 # -- on the workers -----------------------------------------------------------------------------------------------

@@ -189,3 +189,14 @@ def test_ray_build_on_disk_answers_as_the_local_index(ray_address, tiny_model_sp
     for caption in ("a red circle on a dark background", "blue bar", "the triangle is yellow"):
         expected = [(hit.image, round(hit.score, 5)) for hit in local.search(text=caption, k=5)]
         assert [(hit.image, round(hit.score, 5)) for hit in on_disk.search(text=caption, k=5)] == expected
+
+
+def test_more_workers_than_the_cluster_holds_is_a_one_line_error(ray_address, tiny_model_spec, tmp_path):
+    images, annotations = dataset(tmp_path / "data", 8)
+    process = indexer(*build_args(images, annotations, tmp_path / "index", tiny_model_spec, "--engine", "ray",
+                                  "--ray-address", ray_address, "--workers", "5"))
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 1
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--workers 5" in errors[0] and "room for 1" in errors[0]
+    assert not (tmp_path / "index").exists() and not (tmp_path / ".index.partial").exists()
