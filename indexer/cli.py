@@ -190,6 +190,20 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _duplicates(args: argparse.Namespace) -> int:
+    from .duplicates import find_duplicates
+
+    report = find_duplicates(args.index, args.tier)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
+        return 0
+    for group in report.groups:
+        print(f"{len(group.ids)} identical files ({group.size:,} bytes each): " + ", ".join(group.paths))
+    print(f"{args.index}: {len(report.groups)} group(s) of identical files among {report.n_images:,} images; "
+          f"{report.redundant} redundant file(s), {report.redundant_bytes:,} bytes")
+    return 0
+
+
 def _verify(args: argparse.Namespace) -> int:
     report = verify(args.index, args.images, args.sample, use_model=not args.no_model)
     print("\n".join(report.checks))
@@ -201,7 +215,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 HANDLERS = {"build": _build, "update": _update, "info": _info, "export": _export, "verify": _verify,
-            "finetune": _finetune}
+            "duplicates": _duplicates, "finetune": _finetune}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

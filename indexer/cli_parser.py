@@ -9,6 +9,7 @@ from search.encoders import HF_HUB_PREFIX, LOCAL_DIR_PREFIX
 from search.images import DEFAULT_MAX_MEGAPIXELS
 from search.index_choice import DEFAULT_TARGET_RECALL
 
+from .duplicates import TIERS
 from .from_embeddings import FORMAT_NAME as EMBEDDINGS
 from .pipeline import BuildConfig
 from .ray_cluster import ENGINES
@@ -106,6 +107,12 @@ def make_parser() -> argparse.ArgumentParser:
     check.add_argument("--images", type=Path, default=None, help="image root (default: the one recorded at build)")
     check.add_argument("--sample", type=int, default=8, help="images and captions re-encoded (default: 8)")
     check.add_argument("--no-model", action="store_true", help="skip the checks that load the model")
+
+    twins = commands.add_parser("duplicates", help="groups of images the index holds more than once")
+    twins.add_argument("--index", type=Path, required=True)
+    twins.add_argument("--tier", default="exact", choices=TIERS,
+                       help="exact: byte-identical files, by the content hash the catalog records (default)")
+    twins.add_argument("--json", action="store_true")
 
     tune = commands.add_parser("finetune", help="adapt the model to captioned images (contrastive training)")
     tune.add_argument("--format", required=True, choices=sorted(set(READERS) - {"folder"}), help="dataset format")

@@ -132,6 +132,20 @@ class Catalog:
         rows = self._select("SELECT id, image_id, text FROM captions WHERE id IN ({})", ids)
         return {row[0]: CaptionRecord(*row) for row in rows}
 
+    def same_content_groups(self) -> list[list[ImageRecord]]:
+        """Images whose files have the same SHA-1 (byte-identical content), in groups of two or more: each group by
+        id, the groups by their first id. Images without a recorded hash (built from embeddings) are left out."""
+        groups: dict[str, list[ImageRecord]] = {}
+        for row in self._rows("SELECT * FROM images WHERE sha1 IN (SELECT sha1 FROM images WHERE sha1 != '' "
+                              "GROUP BY sha1 HAVING COUNT(*) > 1) ORDER BY id"):
+            record = ImageRecord(*row)
+            groups.setdefault(record.sha1, []).append(record)
+        return list(groups.values())
+
+    def hashed_images(self) -> int:
+        """How many images have a recorded content hash."""
+        return self._rows("SELECT COUNT(*) FROM images WHERE sha1 != ''")[0][0]
+
     def image_ids(self) -> list[int]:
         """Every image id, ascending (an intact catalog holds 0..n_images-1)."""
         return [row[0] for row in self._rows("SELECT id FROM images ORDER BY id")]
