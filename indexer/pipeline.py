@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import islice
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -32,6 +32,9 @@ from .loader import Decoded, ImageLoader, Loaded, Reuse, Reused, Skipped, StageC
 from .readers import Sample
 from .writer import IndexWriter
 
+if TYPE_CHECKING:  # ondisk_build imports the writer, which this module imports: no import at run time
+    from .ondisk_build import OnDiskOptions
+
 log = logging.getLogger(__name__)
 
 
@@ -45,7 +48,7 @@ class BuildConfig:
     resume: bool = False  # continue an interrupted build of the same job from its last completed batch
     fast_decode: bool = False  # JPEGs decoded at reduced scale (DCT domain): faster, vectors slightly off open_clip's
     progress: bool = True
-    on_disk: object | None = None  # indexer.ondisk_build.OnDiskOptions: on-disk IVF indexes (--on-disk)
+    on_disk: OnDiskOptions | None = None  # on-disk IVF indexes built a chunk at a time (--on-disk)
 
 
 @dataclass(frozen=True)

@@ -167,8 +167,9 @@ def encode_partitions(rows: list[dict], work: Path, size: int, encoder: Encoder,
     dataset = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // DECODE_BATCH, 512)))
     dataset = dataset.map_batches(
         decode_batch, batch_size=DECODE_BATCH, batch_format="numpy", num_cpus=0.5, max_retries=MAX_RETRIES,
-        fn_kwargs=dict(root=str(Path(images_root).resolve()), shown_root=str(images_root), preprocess=encoder.image_preprocessor(),
-                       max_megapixels=max_megapixels, min_side=min_side, pixel_shape=pixel_shape))
+        fn_kwargs=dict(root=str(Path(images_root).resolve()), shown_root=str(images_root),
+                       preprocess=encoder.image_preprocessor(), max_megapixels=max_megapixels, min_side=min_side,
+                       pixel_shape=pixel_shape))
     dataset = dataset.map_batches(
         EncodeActor, batch_size=min(batch_size, ENCODE_BATCH), batch_format="numpy",
         compute=ActorPoolStrategy(size=actors),

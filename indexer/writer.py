@@ -18,7 +18,7 @@ import os
 import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -31,6 +31,9 @@ from search.manifest import Manifest
 from search.index_choice import IndexOptions, build_tuned
 
 from .lock import WriterLock
+
+if TYPE_CHECKING:  # ondisk_build imports this module
+    from .ondisk_build import OnDiskOptions
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +159,8 @@ class IndexWriter:
     def _vectors(self, kind: str) -> np.ndarray:
         return np.fromfile(self.tmp / RAW_VECTOR_FILES[kind], np.float32).reshape(-1, self.dim)
 
-    def commit(self, manifest: Manifest, options: IndexOptions = IndexOptions(), on_disk=None) -> Manifest:
+    def commit(self, manifest: Manifest, options: IndexOptions = IndexOptions(),
+               on_disk: OnDiskOptions | None = None) -> Manifest:
         """Write vectors, choose/train/tune and write the FAISS indexes, write the manifest (last, with the chosen
         factories and parameters), then swap the directory into place. `on_disk` (indexer.ondisk_build.OnDiskOptions):
         on-disk IVF indexes built from the vectors a chunk at a time instead (never all in memory)."""

@@ -23,8 +23,8 @@ class StoredIndex:
     path: Path
     manifest: Manifest
     catalog: Catalog
-    images: VectorIndex | OnDiskIndex
-    captions: VectorIndex | OnDiskIndex
+    images: VectorIndex  # an OnDiskIndex (a VectorIndex) for on-disk indexes
+    captions: VectorIndex
     # raw vectors, memory-mapped when opened: bound to this version's files. float32, except in on-disk indexes
     # built from a float16 embedding folder (manifest indexes[kind]["on_disk"]), which keep float16: callers that
     # compute with them convert rows to float32 (np.asarray(rows, np.float32))
@@ -76,7 +76,7 @@ def open_index(path: Path | str) -> StoredIndex:
                        (stat.st_ino, stat.st_mtime_ns))
 
 
-def _open_faiss(path: Path, kind: str, manifest: Manifest, vectors: np.ndarray) -> VectorIndex | OnDiskIndex:
+def _open_faiss(path: Path, kind: str, manifest: Manifest, vectors: np.ndarray) -> VectorIndex:
     entry = manifest.indexes.get(kind, {})
     if entry.get("on_disk"):  # IVF lists in NAME.ivfdata, candidates re-scored from the raw vectors
         return OnDiskIndex.load(path / FAISS_FILES[kind], vectors, manifest.factory(kind), manifest.metric,
