@@ -134,10 +134,10 @@ def test_killed_driver_resumes_from_finished_partitions(ray_address, tiny_model_
                       ray_address, "--partition-samples", "8", "--batch-size", "4")
     parts = tmp_path / ".on-ray.partial" / "ray-parts"
     driver = indexer(*args)
-    _wait(lambda: parts.is_dir() and any(parts.glob("part-*.npz")), driver, what="the first finished partition")
+    _wait(lambda: parts.is_dir() and any(parts.glob("part-??????.npz")), driver, what="the first finished partition")
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    finished = len(list(parts.glob("part-*.npz")))
+    finished = len(list(parts.glob("part-??????.npz")))  # not a part-NNNNNN.tmp.npz the kill cut short
     assert 1 <= finished < 20 and not (tmp_path / "on-ray").exists()
     resumed = run(*[arg for arg in args if arg != "--quiet"], "--resume")  # not quiet: its info line counts
     assert int(resumed.stderr.split("resuming: ")[1].split(" of ")[0]) >= finished  # not computed again
