@@ -141,7 +141,7 @@ def _update(args: argparse.Namespace) -> int:
                          resume=args.resume, progress=not args.quiet, fast_decode=manifest.fast_decode,
                          on_disk=_on_disk_options(args, None, None) if on_disk else None)
     report = _run_build(args, samples, images, encoder, args.index, config,
-                        {**source, "images": str(images.resolve())}, Reuse(previous))
+                        {**source, "images": str(images.resolve())}, Reuse(previous, images))
     print(report.summary())
     return 0
 
@@ -197,10 +197,26 @@ def _duplicates(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
         return 0
+    if report.threshold is None:
+        for group in report.groups:
+            print(f"{len(group.ids)} identical files ({group.size:,} bytes each): " + ", ".join(group.paths))
+        print(f"{args.index}: {len(report.groups)} group(s) of identical files among {report.n_images:,} images; "
+              f"{report.redundant} redundant file(s), {report.redundant_bytes:,} bytes")
+        return 0
     for group in report.groups:
-        print(f"{len(group.ids)} identical files ({group.size:,} bytes each): " + ", ".join(group.paths))
-    print(f"{args.index}: {len(report.groups)} group(s) of identical files among {report.n_images:,} images; "
+        print(f"{len(group.ids)} {args.tier}-duplicates: " + ", ".join(
+            f"{path} ({score:.3f})" for path, score in zip(group.paths, group.scores)))
+    print(report.threshold.describe())
+    print(f"{args.index}: {len(report.groups)} group(s) of {args.tier}-duplicates among {report.n_images:,} images; "
           f"{report.redundant} redundant file(s), {report.redundant_bytes:,} bytes")
+    return 0
+
+
+@_one_writer("index", lock_if=Path.exists)  # a missing index: migrate_index says so
+def _migrate(args: argparse.Namespace) -> int:
+    from .migrate import migrate_index
+
+    print(migrate_index(args.index, args.images).summary())
     return 0
 
 
@@ -215,7 +231,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 HANDLERS = {"build": _build, "update": _update, "info": _info, "export": _export, "verify": _verify,
-            "duplicates": _duplicates, "finetune": _finetune}
+            "duplicates": _duplicates, "finetune": _finetune, "migrate": _migrate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

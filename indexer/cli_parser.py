@@ -111,8 +111,17 @@ def make_parser() -> argparse.ArgumentParser:
     twins = commands.add_parser("duplicates", help="groups of images the index holds more than once")
     twins.add_argument("--index", type=Path, required=True)
     twins.add_argument("--tier", default="exact", choices=TIERS,
-                       help="exact: byte-identical files, by the content hash the catalog records (default)")
+                       help="exact: byte-identical files, by the content hash the catalog records (default); "
+                            "near: resized, recompressed, slightly cropped copies; similar: a looser tier (near and "
+                            "similar: cosine thresholds calibrated on copies of the index's own photos)")
     twins.add_argument("--json", action="store_true")
+
+    upgrade = commands.add_parser("migrate", help="upgrade an index written in an older format (2) to the current "
+                                                  "one: dates, splits and the keyword index; vectors unchanged")
+    upgrade.add_argument("--index", type=Path, required=True)
+    upgrade.add_argument("--images", type=Path, default=None,
+                         help="image root, to date the images by EXIF or file time (default: the one recorded at "
+                              "build; without one the dates stay unknown)")
 
     tune = commands.add_parser("finetune", help="adapt the model to captioned images (contrastive training)")
     tune.add_argument("--format", required=True, choices=sorted(set(READERS) - {"folder"}), help="dataset format")

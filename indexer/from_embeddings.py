@@ -9,6 +9,7 @@ are built by streaming it instead (ondisk_build.py, `--on-disk`).
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from search.manifest import Manifest
 
 from .embedding_folder import DESCRIPTION_FILE
 from .embedding_stream import folder_files
+from .loader import taken_from
 from .writer import IndexWriter
 
 FORMAT_NAME = "embeddings"  # --format embeddings
@@ -63,16 +65,18 @@ def read_folder(folder: Path) -> tuple[list[str], np.ndarray, list[str | None], 
 
 
 def file_info(root: Path | None, path: str) -> tuple[tuple[int, int], FileInfo | None]:
-    """(width, height) from the image header and the file's identity, when the image is under `root`."""
+    """(width, height) from the image header and the file's identity and date (EXIF, else mtime), when the image is
+    under `root`; else no identity (and no date)."""
     target = root / path if root is not None else None
     if target is None or not target.is_file():
         return (0, 0), None
+    stat = target.stat()
     try:
         with Image.open(target) as image:
-            size = image.size
+            size, taken = image.size, taken_from(image, stat.st_mtime_ns)
     except OSError:
-        size = (0, 0)
-    return size, FileInfo.of(target.stat(), target.read_bytes())
+        size, taken = (0, 0), taken_from(None, stat.st_mtime_ns)
+    return size, replace(FileInfo.of(stat, target.read_bytes()), taken=taken)
 
 
 def check_model(folder: Path, encoder: Encoder) -> dict | None:

@@ -12,7 +12,8 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta, timezone
 from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence, Union
@@ -20,14 +21,47 @@ from typing import Callable, Iterable, Iterator, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from search.catalog import FileInfo
+from search.catalog import FileInfo, ImageRecord
 from search.errors import ImageReadError
-from search.images import load_image
+from search.images import ALLOWED_FORMATS, load_image
 from search.store import StoredIndex
 
 from .readers import Sample
 
 STAGES = ("read", "decode", "encode", "write", "index")  # index: FAISS training, tuning and the swap into place
+EXIF_IFD, DATE_TIME_ORIGINAL, OFFSET_TIME_ORIGINAL = 0x8769, 0x9003, 0x9011  # EXIF tags (the Exif sub-IFD's)
+EXIF_DATE_FORMAT = "%Y:%m:%d %H:%M:%S"
+
+
+def exif_taken(image: Image.Image) -> int | None:
+    """POSIX seconds of the image's EXIF DateTimeOriginal, at its OffsetTimeOriginal when there is one, else read as
+    UTC (the camera's zone is unknown; the same rule as naive dates in query filters); None when absent or invalid."""
+    try:
+        tags = image.getexif().get_ifd(EXIF_IFD)
+        moment = datetime.strptime(str(tags[DATE_TIME_ORIGINAL]).strip("\x00 "), EXIF_DATE_FORMAT)
+    except (KeyError, ValueError, TypeError, OSError, SyntaxError):
+        return None
+    zone = timezone.utc
+    offset = str(tags.get(OFFSET_TIME_ORIGINAL, "")).strip("\x00 ")
+    if len(offset) == 6 and offset[0] in "+-" and offset[3] == ":" and offset[1:3].isdigit() and offset[4:].isdigit():
+        delta = timedelta(hours=int(offset[1:3]), minutes=int(offset[4:]))
+        zone = timezone(-delta if offset[0] == "-" else delta)
+    return int(moment.replace(tzinfo=zone).timestamp())
+
+
+def taken_from(image: Image.Image | None, mtime_ns: int) -> int:
+    """When a photo was taken: its EXIF date, else the file's modification time (whole POSIX seconds)."""
+    taken = exif_taken(image) if image is not None else None
+    return taken if taken is not None else mtime_ns // 1_000_000_000
+
+
+def file_taken(path: Path, mtime_ns: int) -> int:
+    """`taken_from` a file, reading its header only (an unreadable one: the mtime)."""
+    try:
+        with Image.open(path, formats=ALLOWED_FORMATS) as image:
+            return taken_from(image, mtime_ns)
+    except (OSError, SyntaxError, ValueError):
+        return taken_from(None, mtime_ns)
 
 
 class StageClock:
@@ -84,7 +118,9 @@ class Reuse:
     """Vectors of a previous index that an update may keep: an image whose path, size and mtime are unchanged, or
     whose content hash is known (moved, renamed, touched); a caption whose text is known."""
 
-    def __init__(self, previous: StoredIndex):
+    def __init__(self, previous: StoredIndex, images_root: Path | None = None):
+        """`images_root`: where the files are now, to date the kept images a version-2 index has no date for."""
+        self.root = Path(images_root) if images_root is not None else None
         self.records = {r.path: r for r in previous.catalog.all_images()}
         self.by_hash = {r.sha1: r for r in self.records.values() if r.sha1}
         self.image_vectors = previous.vectors("images")
@@ -97,6 +133,15 @@ class Reuse:
         if record is not None and (record.size, record.mtime_ns) == (size, mtime_ns) and record.sha1:
             return record
         return None
+
+    def file_of(self, record: ImageRecord, root: Path | None = None) -> FileInfo:
+        """The stored identity of an unchanged file, with its stored date, or (none stored: a version-2 index) the
+        date read from the file under `root` (else this Reuse's root) now."""
+        taken = record.taken
+        root = root if root is not None else self.root
+        if taken is None and root is not None:
+            taken = file_taken(root / record.path, record.mtime_ns)
+        return FileInfo(record.size, record.mtime_ns, record.sha1, taken)
 
     def by_content(self, sample: Sample, file: FileInfo) -> Reused | None:
         """The stored vector of a file whose content the previous index holds (touched, moved or renamed)."""
@@ -141,15 +186,16 @@ class ImageLoader:
                 known = reuse and reuse.unchanged(sample.image, stat.st_size, stat.st_mtime_ns)
                 if known:
                     return Reused(sample, (known.width, known.height), reuse.image_vectors[known.id],
-                                  FileInfo(known.size, known.mtime_ns, known.sha1))
+                                  reuse.file_of(known, self.root))
                 data = path.read_bytes()
                 file = FileInfo.of(stat, data)
             same = reuse and reuse.by_content(sample, file)
-            if same:
-                return same
+            if same:  # the same content elsewhere: its date from the file (the EXIF date, else this file's mtime)
+                return replace(same, file=replace(file, taken=file_taken(path, stat.st_mtime_ns)))
             with self.clock("decode"):
                 image = load_image(data, self.max_megapixels, self.min_side, name=str(shown))
                 pixels = self.preprocess(image)
+            file = replace(file, taken=taken_from(image, stat.st_mtime_ns))  # EXIF survives decoding (info["exif"])
             return Decoded(sample, image.info["source_size"], pixels, file,
                            "changed" if reuse and sample.image in reuse.records else "new")
         except FileNotFoundError:

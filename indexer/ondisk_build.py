@@ -36,6 +36,7 @@ from search.index_choice import DEFAULT_TARGET_RECALL
 from search.layout import CATALOG_NAME, FAISS_FILES, IVFDATA_FILES, KINDS, SHARDS_DIR, VECTOR_FILES, partial_dir
 from search.manifest import Manifest
 from search.ondisk_index import REFINE_PARAM, OnDiskIndex
+
 from search.vector_index import VectorIndex
 
 from .embedding_stream import FolderFiles, NpyFile, NpyWriter, folder_files, read_images
@@ -43,12 +44,11 @@ from .from_embeddings import FORMAT_NAME, check_model, file_info
 from .lock import WriterLock
 from .ondisk_index_build import (DEFAULT_MEMORY_BUDGET, Budget, default_refine, fill_shards, merge_shards,
                                  plan_ondisk, trained_index, tune, tuning_queries)
-from .writer import check_output_dir
+from .writer import check_output_dir, with_relevance
 
 log = logging.getLogger(__name__)
 
 STORED_DTYPES = (np.float16, np.float32)  # raw vectors keep the folder's dtype when it is one of these
-
 
 @dataclass(frozen=True)
 class OnDiskOptions:
@@ -63,11 +63,9 @@ class OnDiskOptions:
     progress: bool = False  # tqdm bars on stderr (the CLI's choice)
     seed: int = 0
 
-
 def should_build_on_disk(folder: Path | str, memory_budget: int | None) -> bool:
     """Whether the folder's vectors, as float32, exceed the budget (then the in-memory build cannot hold them)."""
     return memory_budget is not None and folder_files(folder).float32_bytes() > memory_budget
-
 
 def build_on_disk(folder: Path | str, out: Path | str, encoder: Encoder, images_root: Path | None = None,
                   options: OnDiskOptions = OnDiskOptions(), overwrite: bool = False) -> Manifest:
@@ -101,13 +99,13 @@ def build_on_disk(folder: Path | str, out: Path | str, encoder: Encoder, images_
                                 created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                 precision=(described or {}).get("precision", "fp32"),
                                 runtime=(described or {}).get("runtime", encoder.runtime))
+            manifest = with_relevance(manifest, tmp, options.seed)
             manifest.write(tmp)
             swap_into_place(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return manifest
-
 
 def _write_rows(files: FolderFiles, tmp: Path, root: Path | None, budget: Budget, progress: bool) -> tuple[int, int]:
     """Catalog and raw vectors of every image and caption; (images, captions)."""
@@ -135,7 +133,6 @@ def _write_rows(files: FolderFiles, tmp: Path, root: Path | None, budget: Budget
             writer.close()
         catalog.close()
     return catalog.n_images, catalog.n_captions
-
 
 def build_ondisk_indexes(tmp: Path, budget: Budget, options: OnDiskOptions, dim: int) -> dict:
     """Per kind, the on-disk index and its manifest entry (an empty kind gets an empty exact index)."""
@@ -166,7 +163,6 @@ def build_ondisk_indexes(tmp: Path, budget: Budget, options: OnDiskOptions, dim:
         del index
     return reports
 
-
 def _fill(trained, vectors: NpyFile, shard_dir: Path, budget: Budget, options: OnDiskOptions) -> list[str]:
     if options.engine != "ray":
         return fill_shards(trained, vectors, shard_dir, budget, options.shard_rows, 0, options.progress)
@@ -175,7 +171,6 @@ def _fill(trained, vectors: NpyFile, shard_dir: Path, budget: Budget, options: O
     with ray_session(options.ray_address, options.workers) as resources:
         return fill_shards(trained, vectors, shard_dir, budget, options.shard_rows, max(1, resources["CPU"]),
                            options.progress)
-
 
 def commit_on_disk(tmp: Path, raw_files: dict, dim: int, options: OnDiskOptions) -> dict:
     """For a build that encoded images (IndexWriter.commit with --on-disk): the raw float32 vectors `raw_files`

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from itertools import islice
 from pathlib import Path
@@ -30,6 +30,7 @@ from search.manifest import Manifest
 
 from .loader import Decoded, ImageLoader, Loaded, Reuse, Reused, Skipped, StageClock
 from .readers import Sample
+from .near_duplicates import calibrate_build
 from .writer import IndexWriter
 
 if TYPE_CHECKING:  # ondisk_build imports the writer, which this module imports: no import at run time
@@ -121,7 +122,7 @@ def write(writer: IndexWriter, items: Sequence[Reused | Decoded], image_vectors:
     for item, image_vector in zip(items, image_vectors):
         n = len(item.sample.captions)
         writer.add(item.sample.image, item.size, item.sample.captions, image_vector,
-                   caption_vectors[offset:offset + n], item.file)
+                   caption_vectors[offset:offset + n], item.file, item.sample.split)
         offset += n
 
 
@@ -179,8 +180,10 @@ def build_index(samples: Sequence[Sample], images_root: Path, encoder: Encoder, 
         if writer.n_images == 0:
             reason = skipped[0]["reason"] if skipped else "no samples"
             raise DatasetError(f"none of the {len(samples)} images could be read (first: {reason})")
+        with clock("encode"):  # the near-duplicate tiers, on copies of ~32 of the images: from the raw vectors
+            near = calibrate_build(writer, Path(images_root), encoder, config.max_megapixels)
         with clock("index"):
-            manifest = writer.commit(build_manifest(encoder, writer, config, source, skipped), config.index,
-                                     config.on_disk)
+            manifest = writer.commit(replace(build_manifest(encoder, writer, config, source, skipped),
+                                             near_duplicates=near), config.index, config.on_disk)
     return BuildReport(Path(out), manifest.n_images, manifest.n_captions, tuple(skipped),
                        time.perf_counter() - started, dict(clock.seconds), changes.result(samples, skipped))

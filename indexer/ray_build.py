@@ -7,6 +7,7 @@ import logging
 import math
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -23,6 +24,7 @@ from .pipeline import BuildConfig, BuildReport, Changes, build_job, build_manife
 from .ray_cluster import ray_session
 from .ray_engine import RayOptions, dataset_rows, encode_partitions, part_file, read_part
 from .readers import Sample
+from .near_duplicates import calibrate_build
 from .writer import IndexWriter
 
 log = logging.getLogger(__name__)
@@ -75,9 +77,11 @@ def build_index_on_ray(samples: Sequence[Sample], images_root: Path, encoder: En
             reason = skipped[0]["reason"] if skipped else "no samples"
             raise DatasetError(f"none of the {len(samples)} images could be read (first: {reason})")
         shutil.rmtree(writer.tmp / RAY_PARTS_DIR, ignore_errors=True)  # not part of the index swapped into place
+        with clock("encode"):  # the near-duplicate tiers, on copies of ~32 of the images: from the raw vectors
+            near = calibrate_build(writer, Path(images_root), encoder, config.max_megapixels)
         with clock("index"):
-            manifest = writer.commit(build_manifest(encoder, writer, config, source, skipped), config.index,
-                                     config.on_disk)
+            manifest = writer.commit(replace(build_manifest(encoder, writer, config, source, skipped),
+                                             near_duplicates=near), config.index, config.on_disk)
     stages = {stage: seconds for stage, seconds in clock.seconds.items() if stage in ("encode", "write", "index")}
     return BuildReport(Path(out), manifest.n_images, manifest.n_captions, tuple(skipped),
                        time.perf_counter() - started, stages, changes.result(samples, skipped))

@@ -77,7 +77,8 @@ def decode_batch(batch: dict, root: str, shown_root: str, preprocess, max_megapi
     """Ray task: read and decode the images of a batch of rows; pixels [n, *pixel_shape] float32, zeros for the rows
     not decoded (a tensor column: Ray hands it to the actor without a copy per row)."""
     loader = ImageLoader(Path(root), preprocess, max_megapixels, min_side, shown_root=Path(shown_root))
-    out = {key: [] for key in ("status", "reason", "width", "height", "file_size", "mtime_ns", "sha1", "pixels")}
+    out = {key: [] for key in ("status", "reason", "width", "height", "file_size", "mtime_ns", "sha1", "taken",
+                               "pixels")}
     for image, decode in zip(batch["image"], batch["decode"]):
         loaded = loader(Sample(str(image), ())) if decode else None
         status = UNCHANGED if loaded is None else SKIPPED if isinstance(loaded, Skipped) else ENCODED
@@ -89,6 +90,7 @@ def decode_batch(batch: dict, root: str, shown_root: str, preprocess, max_megapi
         out["file_size"].append(decoded.file.size if decoded else 0)
         out["mtime_ns"].append(decoded.file.mtime_ns if decoded else 0)
         out["sha1"].append(decoded.file.sha1 if decoded else "")
+        out["taken"].append(decoded.file.taken if decoded else 0)  # always known for a decoded file
         out["pixels"].append(decoded.pixels if decoded else None)
     shape = next((p.shape for p in out["pixels"] if p is not None), pixel_shape)
     pixels = np.stack([p if p is not None else np.zeros(shape, np.float32) for p in out.pop("pixels")])
@@ -124,7 +126,7 @@ class EncodeActor:
         flat = self.encoder.encode_texts([t for row in texts for t in row]) if any(texts) else np.zeros((0, dim))
         offsets = np.cumsum([0] + [len(row) for row in texts])
         text_vectors = [np.asarray(flat[a:b], np.float32).tobytes() for a, b in zip(offsets[:-1], offsets[1:])]
-        keep = ("row", "texts", "status", "reason", "width", "height", "file_size", "mtime_ns", "sha1")
+        keep = ("row", "texts", "status", "reason", "width", "height", "file_size", "mtime_ns", "sha1", "taken")
         return {**{key: batch[key] for key in keep}, "image_vector": np.array(vectors, dtype=object),
                 "text_vectors": np.array(text_vectors, dtype=object)}
 
@@ -193,8 +195,8 @@ def encode_partitions(rows: list[dict], work: Path, size: int, encoder: Encoder,
         raise EngineError(f"the Ray job failed: {str(exc).strip().splitlines()[0]}") from None
 
 
-_PART_KEYS = ("texts", "status", "reason", "width", "height", "file_size", "mtime_ns", "sha1", "image_vector",
-              "text_vectors")
+_PART_KEYS = ("texts", "status", "reason", "width", "height", "file_size", "mtime_ns", "sha1", "taken",
+              "image_vector", "text_vectors")
 
 
 def _write_part(path: Path, rows: dict[int, tuple], dim: int) -> None:
@@ -208,6 +210,7 @@ def _write_part(path: Path, rows: dict[int, tuple], dim: int) -> None:
                 reason=np.array(columns["reason"], dtype=str), width=np.array(columns["width"], np.int64),
                 height=np.array(columns["height"], np.int64), file_size=np.array(columns["file_size"], np.int64),
                 mtime_ns=np.array(columns["mtime_ns"], np.int64), sha1=np.array(columns["sha1"], dtype=str),
+                taken=np.array(columns["taken"], np.int64),
                 image_vectors=np.stack(vectors), texts=np.array([t for row in texts for t in row], dtype=str),
                 text_vectors=np.concatenate(text_vectors) if text_vectors else np.zeros((0, dim), np.float32))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -233,9 +236,10 @@ def read_part(path: Path, samples: Sequence[Sample], reuse: Reuse | None):
         if status == UNCHANGED:
             record = reuse.records[sample.image]
             item = Reused(sample, (record.width, record.height), reuse.image_vectors[record.id],
-                          FileInfo(record.size, record.mtime_ns, record.sha1))
+                          reuse.file_of(record))
         else:
-            file = FileInfo(int(part["file_size"][i]), int(part["mtime_ns"][i]), str(part["sha1"][i]))
+            taken = int(part["taken"][i]) if "taken" in part else None  # None: a part an older version wrote
+            file = FileInfo(int(part["file_size"][i]), int(part["mtime_ns"][i]), str(part["sha1"][i]), taken)
             change = "changed" if reuse and sample.image in reuse.records else "new"
             item = (reuse and reuse.by_content(sample, file)) or Encoded(
                 sample, (int(part["width"][i]), int(part["height"][i])), file, change)

@@ -19,6 +19,7 @@ from search.images import IMAGE_EXTENSIONS
 class Sample:
     image: str  # POSIX path relative to the image root
     captions: tuple[str, ...] = ()
+    split: str | None = None  # the dataset's split of the image (train, val, test, restval); None when unknown
 
 
 def _load_json(path: Path) -> dict:
@@ -37,14 +38,15 @@ def _require(annotations: Path | None, fmt: str) -> Path:
     return Path(annotations)
 
 
-def _grouped(pairs) -> list[Sample]:
-    """(image, caption-or-None) pairs → one Sample per image, first-seen order, captions in order."""
+def _grouped(pairs, splits: dict[str, str] | None = None) -> list[Sample]:
+    """(image, caption-or-None) pairs → one Sample per image, first-seen order, captions in order; `splits`: image →
+    its split."""
     grouped: OrderedDict[str, list[str]] = OrderedDict()
     for image, caption in pairs:
         captions = grouped.setdefault(image, [])
         if caption and caption.strip():
             captions.append(caption.strip())
-    return [Sample(image, tuple(captions)) for image, captions in grouped.items()]
+    return [Sample(image, tuple(captions), (splits or {}).get(image)) for image, captions in grouped.items()]
 
 
 def read_karpathy(annotations: Path | None, images: Path, split: str | None) -> list[Sample]:
@@ -62,7 +64,7 @@ def read_karpathy(annotations: Path | None, images: Path, split: str | None) -> 
         if entry.get("filepath") and (Path(images) / entry["filepath"] / name).exists():
             name = f"{entry['filepath']}/{name}"
         captions = tuple(s["raw"].strip() for s in entry.get("sentences", []) if s.get("raw", "").strip())
-        samples.append(Sample(name, captions))
+        samples.append(Sample(name, captions, entry.get("split") or None))
     return samples
 
 
@@ -71,18 +73,20 @@ FLICKR8K_SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.
 
 
 def read_flickr8k(annotations: Path | None, images: Path, split: str | None) -> list[Sample]:
-    """Flickr8k.token.txt (`name.jpg#N<TAB>caption`), split lists Flickr_8k.{train,dev,test}Images.txt beside it."""
+    """Flickr8k.token.txt (`name.jpg#N<TAB>caption`), split lists Flickr_8k.{train,dev,test}Images.txt beside it
+    (each image's split from them, also when all are read; the dev list is split "val")."""
     path = _require(annotations, "flickr8k")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         raise DatasetError(f"{path}: annotation file not found") from None
-    keep = None
-    if split is not None:
-        list_file = path.parent / FLICKR8K_SPLIT_FILES[split]
-        if not list_file.is_file():
-            raise DatasetError(f"split '{split}' needs {list_file.name} beside {path.name}")
-        keep = {line.strip() for line in list_file.read_text(encoding="utf-8").splitlines() if line.strip()}
+    if split is not None and not (path.parent / FLICKR8K_SPLIT_FILES[split]).is_file():
+        raise DatasetError(f"split '{split}' needs {FLICKR8K_SPLIT_FILES[split]} beside {path.name}")
+    lists = {name: {line.strip() for line in (path.parent / file_name).read_text(encoding="utf-8").splitlines()
+                    if line.strip()}
+             for name, file_name in FLICKR8K_SPLIT_FILES.items() if (path.parent / file_name).is_file()}
+    keep = None if split is None else lists[split]
+    splits = {image: split or name for name, images in lists.items() for image in images}
     pairs = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -93,7 +97,7 @@ def read_flickr8k(annotations: Path | None, images: Path, split: str | None) -> 
         image = key.rsplit("#", 1)[0]
         if keep is None or image in keep:
             pairs.append((image, caption))
-    return _grouped(pairs)
+    return _grouped(pairs, splits)
 
 
 def read_coco(annotations: Path | None, images: Path, split: str | None) -> list[Sample]:

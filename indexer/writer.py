@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from search.atomic import TEMP_SUFFIX, swap_into_place, write_atomic
-from search.catalog import CatalogWriter, FileInfo
+from search.catalog import Catalog, CatalogWriter, FileInfo
 from search.errors import EngineError, IndexExistsError
 from search.layout import (CATALOG_NAME, FAISS_FILES, KINDS, MANIFEST_NAME, PROGRESS_NAME, RAW_VECTOR_FILES,
                            VECTOR_FILES, partial_dir)
 from search.manifest import Manifest
 from search.index_choice import IndexOptions, build_tuned
+from search.relevance import fit_calibration
 
 from .lock import WriterLock
 
@@ -64,6 +65,21 @@ def resume_progress(out: Path) -> dict:
     if not isinstance(progress, dict):
         raise EngineError(f"nothing to resume for {out}: no interrupted build in {work}")
     return progress
+
+
+def with_relevance(manifest: Manifest, directory: Path, seed: int = 0) -> Manifest:
+    """`manifest` with score → relevance maps (search/relevance.py) fitted on the vectors files in `directory`,
+    memory-mapped (a bounded sample of rows is read), and its catalog's caption → image links; refitted by every
+    build, update and migration."""
+    vectors = {kind: np.load(directory / VECTOR_FILES[kind], mmap_mode="r") for kind in KINDS}
+    catalog = Catalog(directory / CATALOG_NAME)
+    try:
+        links = catalog.caption_image_ids()
+    finally:
+        catalog.close()
+    calibration = fit_calibration(vectors["images"], vectors["captions"], links, manifest.metric, seed)
+    log.info("%s", calibration.summary())
+    return replace(manifest, relevance=calibration.to_json())
 
 
 class IndexWriter:
@@ -138,10 +154,11 @@ class IndexWriter:
         return self.catalog.n_captions
 
     def add(self, path: str, size: tuple[int, int], captions: Sequence[str], image_vector: np.ndarray,
-            caption_vectors: np.ndarray, file: FileInfo | None = None) -> None:
-        """One image with its captions; vectors are rows of the encoder's output."""
+            caption_vectors: np.ndarray, file: FileInfo | None = None, split: str | None = None) -> None:
+        """One image with its captions; vectors are rows of the encoder's output. `file` carries its identity and
+        date, `split` its dataset split (the catalog's keyword index is built when `commit` closes it)."""
         assert len(captions) == len(caption_vectors)
-        self.catalog.add(path, size[0], size[1], captions, file)
+        self.catalog.add(path, size[0], size[1], captions, file, split)
         self._raw["images"].write(np.asarray(image_vector, np.float32).tobytes())
         if len(captions):
             self._raw["captions"].write(np.ascontiguousarray(caption_vectors, np.float32).tobytes())
@@ -172,7 +189,7 @@ class IndexWriter:
 
             reports = commit_on_disk(self.tmp, {kind: self.tmp / name for kind, name in RAW_VECTOR_FILES.items()},
                                      self.dim, on_disk)
-            return self._finish(manifest, reports)
+            return self._finish(with_relevance(manifest, self.tmp), reports)
         vectors = {kind: self._vectors(kind) for kind in KINDS}
         total = max(1, sum(len(v) for v in vectors.values()))
         reports = {}
@@ -186,7 +203,7 @@ class IndexWriter:
             if report.params:
                 log.info("%s index %s tuned to %s: recall@10 %.3f against exact search", kind, report.factory,
                          report.params, report.recall_at_10)
-        return self._finish(manifest, reports)
+        return self._finish(with_relevance(manifest, self.tmp), reports)
 
     def _finish(self, manifest: Manifest, reports: dict) -> Manifest:
         """The manifest with the indexes' reports, written last in the work directory, swapped into place."""

@@ -9,20 +9,57 @@ from typing import Sequence
 
 
 from .cli_common import CliParser, add_model_args, run_cli
-from .images import ImageSource, load_image
+from .errors import QueryError
+from .images import load_image
 from .evaluation import evaluate
 from .metrics import TIES
+from .query import MODES, SORTS, Filters, Query, Term, parse_date
 from .searcher import TARGETS, SearchConfig, Searcher, check_paging, checked_text
 from .store import open_index
 
 
-def _checked_query(args: argparse.Namespace, config: SearchConfig) -> dict[str, str | ImageSource]:
-    """The query for Searcher.search, checked against the limits it enforces, so that bad arguments fail before the
-    model is loaded (seconds); an image query is decoded here, once."""
+class _TermAction(argparse.Action):
+    """--text/--image/--minus-text/--minus-image append (kind, value, sign) to one list, in command-line order, so
+    that --weights can follow that order."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        terms = list(getattr(namespace, "terms", None) or [])
+        terms.append((self.const[0], values, self.const[1]))
+        namespace.terms = terms
+
+
+def _weights(raw: str | None, n: int) -> list[float]:
+    if raw is None:
+        return [1.0] * n
+    try:
+        weights = [float(w) for w in raw.split(",")]
+    except ValueError:
+        raise QueryError("--weights takes numbers separated by commas, e.g. 1,0.5") from None
+    if len(weights) != n:
+        raise QueryError(f"--weights gives {len(weights)} weights for {n} query terms")
+    if any(w <= 0 for w in weights):
+        raise QueryError("--weights must be positive (a --minus-… term's weight is negated)")
+    return weights
+
+
+def _checked_query(args: argparse.Namespace, config: SearchConfig) -> Query:
+    """The Query for Searcher.run, checked against the limits it enforces, so that bad arguments fail before the
+    model is loaded (seconds); image queries are decoded here, once."""
     check_paging(args.k, 0, config)
-    if args.image is not None:
-        return {"image": load_image(Path(args.image), config.max_megapixels)}
-    return {"text": checked_text(args.text, config)}
+    given = getattr(args, "terms", None) or []
+    if not given:
+        raise QueryError("give a query: --text, --image (each may repeat), or both")
+    terms = []
+    for (kind, value, sign), weight in zip(given, _weights(args.weights, len(given))):
+        if kind == "text":
+            terms.append(Term(text=checked_text(value, config), weight=sign * weight))
+        else:
+            terms.append(Term(image=load_image(Path(value), config.max_megapixels), weight=sign * weight))
+    filters = Filters(path_prefix=args.path_prefix, split=args.split, min_width=args.min_width,
+                      min_height=args.min_height, taken_after=args.after and parse_date(args.after, "--after"),
+                      taken_before=args.before and parse_date(args.before, "--before", end_of_day=True))
+    return Query(tuple(terms), target=args.target, k=args.k, cutoff=args.cutoff, filters=filters, mode=args.mode,
+                 dedupe=args.dedupe, sort=args.sort)
 
 
 def _query(args: argparse.Namespace) -> int:
@@ -30,14 +67,20 @@ def _query(args: argparse.Namespace) -> int:
     query = _checked_query(args, config)
     searcher = Searcher.open(args.index, args.model, args.pretrained, args.device, config,  # index checked first
                              precision=args.precision, runtime=args.runtime)
-    hits = searcher.search(**query, target=args.target, k=args.k)
+    results = searcher.run(query)
     if args.json:
-        print(json.dumps({"results": [h.to_json() for h in hits]}, ensure_ascii=False, indent=2))
+        print(json.dumps(results.to_json(), ensure_ascii=False, indent=2))
         return 0
-    for hit in hits:
+    for note in results.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if results.message:
+        print(results.message)
+    for hit in results.hits:
         text = hit.caption if hit.caption is not None else (hit.captions[0] if hit.captions else "")
         where = f"  [{hit.image}]" if hit.caption is not None else f"  {hit.image}"
-        print(f"{hit.rank:>4}  {hit.score:7.4f}{where}  {text}")
+        score = "      -" if hit.score != hit.score else f"{hit.score:7.4f}"
+        relevance = "" if hit.relevance is None else f"  {hit.relevance:4.2f}"
+        print(f"{hit.rank:>4}  {score}{relevance}{where}  {text}")
     return 0
 
 
@@ -53,9 +96,30 @@ def make_parser() -> argparse.ArgumentParser:
 
     query = commands.add_parser("query", help="text→image, image→image or image→text search")
     query.add_argument("--index", type=Path, required=True)
-    what = query.add_mutually_exclusive_group(required=True)
-    what.add_argument("--text", help="a sentence to find images for")
-    what.add_argument("--image", help="an image file to find similar images (or captions) for")
+    what = query.add_argument_group("query terms (repeatable, combined in command-line order)")
+    for flag, const, text in (("--text", ("text", 1), "a sentence to find images for"),
+                              ("--image", ("image", 1), "an image file to find similar images (or captions) for"),
+                              ("--minus-text", ("text", -1), "push results away from this sentence (\"without …\")"),
+                              ("--minus-image", ("image", -1), "push results away from this image")):
+        what.add_argument(flag, action=_TermAction, const=const, metavar=flag.split("-")[-1].upper(), help=text)
+    what.add_argument("--weights", help="one positive weight per term, comma-separated, in command-line order "
+                                        "(default: all 1; --minus-… terms count negatively)")
+    cut = query.add_argument_group("relevance, mode and order")
+    cut.add_argument("--cutoff", default="none",
+                     help="auto: only hits the index's calibration calls relevant (its stored precision target); P "
+                          "(0–1): hits with relevance ≥ P; none: every hit (default: none)")
+    cut.add_argument("--mode", choices=MODES, default="vector",
+                     help="vector (default), keyword (SQLite FTS5 over captions and file names) or hybrid (both, "
+                          "fused by reciprocal rank)")
+    cut.add_argument("--dedupe", action="store_true", help="collapse near-duplicates of a better hit")
+    cut.add_argument("--sort", choices=SORTS, default="relevance", help="relevance (default) or date, newest first")
+    where = query.add_argument_group("filters")
+    where.add_argument("--path-prefix", help="only images whose path under the image folder starts with this")
+    where.add_argument("--split", help="only images of this dataset split (train, val, test)")
+    where.add_argument("--min-width", type=int, help="only images at least this wide (pixels)")
+    where.add_argument("--min-height", type=int, help="only images at least this tall (pixels)")
+    where.add_argument("--after", help="only photos taken on or after this date (2024-05-01; EXIF, else file time)")
+    where.add_argument("--before", help="only photos taken on or before this date")
     query.add_argument("--target", choices=TARGETS, default="images", help="search images or captions")
     query.add_argument("-k", type=int, default=10, help="number of results (default: 10)")
     query.add_argument("--json", action="store_true", help="print JSON")

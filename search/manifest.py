@@ -18,7 +18,8 @@ from .encoders import EncoderSpec
 from .errors import IndexFormatError
 from .layout import MANIFEST_NAME
 
-FORMAT_VERSION = 2  # 2: the catalog records each image file's size, mtime and SHA-1
+FORMAT_VERSION = 3  # 2: the catalog records each image file's size, mtime and SHA-1; 3: date, split, keyword index
+READABLE_VERSIONS = (2, 3)  # a version-2 index answers plain searches; `python -m indexer migrate` upgrades it
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class Manifest:
     precision: str = "fp32"  # what the vectors were encoded with; queries may use another (cosine ~0.999 apart)
     runtime: str = "torch"  # what encoded the vectors: torch or onnx (equal to ~1e-6; informational)
     fast_decode: bool = False  # JPEGs decoded at reduced scale (build --fast-decode); update and verify do the same
+    relevance: dict = field(default_factory=dict)  # score → relevance maps per query kind (search/relevance.py)
+    near_duplicates: dict = field(default_factory=dict)  # calibrated duplicate thresholds per tier (search/dedupe.py)
     format_version: int = FORMAT_VERSION
 
     def factory(self, kind: str) -> str:
@@ -57,10 +60,10 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: dict) -> "Manifest":
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise IndexFormatError(
-                f"index format version {version} is not supported (this program reads version {FORMAT_VERSION}); "
-                f"rebuild the index")
+                f"index format version {version} is not supported (this program reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}); rebuild the index")
         try:
             return cls(encoder=EncoderSpec.from_dict(data["encoder"]), fingerprint=data["fingerprint"],
                        dim=int(data["dim"]), n_images=int(data["n_images"]), n_captions=int(data["n_captions"]),
@@ -69,6 +72,7 @@ class Manifest:
                        skipped=tuple(data.get("skipped", ())), created=data.get("created", ""),
                        precision=data.get("precision", "fp32"), indexes=_without_factories(data.get("indexes", {})),
                        fast_decode=bool(data.get("fast_decode", False)), runtime=data.get("runtime", "torch"),
+                       relevance=data.get("relevance", {}), near_duplicates=data.get("near_duplicates", {}),
                        format_version=version)
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise IndexFormatError(f"manifest is missing or has a bad field: {exc}") from None

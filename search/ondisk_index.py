@@ -5,6 +5,10 @@ The inverted lists live in `NAME.ivfdata` beside `NAME.faiss` and are memory-map
 index directory's memory-mapped `.npy` file (float32, or float16 when the embedding folder held float16). A search
 asks the IVF for k × `refine` candidates and ranks them by their exact score with the query, computed in float32:
 what FAISS's IndexRefineFlat does, without holding every vector in memory.
+
+Restricted to allowed ids (filters): few allowed ids are scored exactly from the raw vectors; otherwise the IVF proposes
+candidates among the allowed ids only (an ID selector), probing more lists until each query has k of them (as
+search/vector_index.py does), and those are re-scored as always.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from typing import Iterator
 import faiss
 import numpy as np
 
-from .vector_index import VectorIndex
+from .vector_index import EXACT_MAX_FLOATS, IdSelector, VectorIndex, allowed_ids, exact_search, search_ivf
 
 REFINE_PARAM = "refine"  # search parameter: candidates fetched per result (k × refine), re-scored exactly
 DEFAULT_REFINE = 10
@@ -73,21 +77,32 @@ class OnDiskIndex(VectorIndex):
             return mapped
         return vectors
 
-    def candidates(self, queries: np.ndarray, k: int) -> np.ndarray:
-        """The ids the IVF proposes for `k` results: [n, min(ntotal, k × refine)], -1 where it found fewer."""
+    def candidates(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> np.ndarray:
+        """The ids the IVF proposes for `k` results: [n, min(ntotal, k × refine)], -1 where it found fewer. With
+        `allowed` (distinct ascending ids): among those only, probing more lists until every query has them all
+        (k × refine, or every allowed id when fewer)."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        return self.index.search(queries, min(self.ntotal, int(k) * self.refine))[1]
+        if allowed is None:
+            return self.index.search(queries, min(self.ntotal, int(k) * self.refine))[1]
+        wanted = min(len(allowed), int(k) * self.refine)
+        ivf = faiss.try_extract_index_ivf(self.index)
+        return search_ivf(self.index, ivf, queries, wanted, IdSelector(allowed, self.ntotal))[1]
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k for each query row: (scores [n, k'], ids [n, k']) with k' = min(k, ntotal), best first; ids of -1
-        mark slots the candidates could not fill."""
+        mark slots the candidates could not fill. `allowed` (ids; out-of-range ones ignored): only those, and
+        k' = min(k, number allowed), every slot filled."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        k = min(int(k), self.ntotal)
+        if allowed is not None:
+            allowed = allowed_ids(allowed, self.ntotal)
+        k = min(int(k), self.ntotal if allowed is None else len(allowed))
         scores = np.full((len(queries), max(k, 0)), _EMPTY_SCORE[self.metric], np.float32)
         ids = np.full((len(queries), max(k, 0)), -1, np.int64)
         if k <= 0:
             return scores, ids
-        candidates = self.candidates(queries, k)
+        if allowed is not None and len(allowed) * self.dim <= EXACT_MAX_FLOATS:
+            return exact_search(self._mapped(), allowed, queries, k, self.metric)
+        candidates = self.candidates(queries, k, allowed)
         vectors = None
         for row, (query, found) in enumerate(zip(queries, candidates)):
             if row % QUERIES_PER_MAPPING == 0:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -15,11 +15,14 @@ import numpy as np
 
 from .catalog import ImageRecord
 from .encoders import Encoder, EncoderSpec, create_encoder
-from .errors import NoCaptionsError, NotFoundError, QueryError
+from .errors import NotFoundError, QueryError
 from .images import DEFAULT_MAX_MEGAPIXELS, ImageSource, load_image
+from .query import Query, Term
+from .retrieval import Candidate, QueryVectors, query_vectors, rank
 from .store import StoredIndex, open_index
 
 TARGETS = ("images", "captions")
+FILTER_CACHE_SIZE = 64  # filters → allowed ids, per index version: repeated filtered queries skip the SQL
 
 # how model calls are made: `run_model(fn)` calls fn() and returns its vectors; a server may route them to one thread
 ModelRunner = Callable[[Callable[[], np.ndarray]], np.ndarray]
@@ -67,12 +70,57 @@ class Hit:
     captions: tuple[str, ...] = ()
     caption_id: int | None = None
     caption: str | None = None
+    relevance: float | None = None  # calibrated probability that the hit is relevant (None: not calibrated)
+    matched: tuple[str, ...] = ()  # which rankings found it: "vector", "caption", "file name"
+    taken: int | None = None  # when the photo was taken (POSIX seconds), when known
 
     def to_json(self) -> dict:
-        """The stable per-result shape of `search query --json` (the web API adds ids and URLs)."""
+        """The stable per-result shape of `search query --json` (the web API adds ids and URLs). `score` is None in
+        keyword mode (no vector score)."""
+        score = None if self.score != self.score else round(self.score, 6)
+        extra = {} if self.relevance is None else {"relevance": round(self.relevance, 4)}
+        if self.matched:
+            extra["matched"] = list(self.matched)
+        if self.taken is not None:
+            extra["taken"] = self.taken
         if self.caption is not None:
-            return {"rank": self.rank, "score": round(self.score, 6), "caption": self.caption, "image": self.image}
-        return {"rank": self.rank, "score": round(self.score, 6), "image": self.image, "captions": list(self.captions)}
+            return {"rank": self.rank, "score": score, "caption": self.caption, "image": self.image, **extra}
+        return {"rank": self.rank, "score": score, "image": self.image, "captions": list(self.captions), **extra}
+
+
+@dataclass(frozen=True)
+class Results:
+    """A page of hits and how it was cut. `closest` holds the best few hits when the cutoff left nothing, so an
+    empty answer can say "nothing relevant; the closest were …"."""
+
+    hits: list[Hit]
+    cutoff: float | None = None
+    cutoff_rule: str | None = None
+    closest: list[Hit] = field(default_factory=list)
+    notes: tuple[str, ...] = ()
+
+    @property
+    def message(self) -> str | None:
+        """What to tell a user about an empty answer."""
+        if self.hits or not self.closest:
+            return None
+        closest = ", ".join(f"{h.image} ({_relevance_text(h)})" for h in self.closest)
+        return f"nothing relevant; the closest were {closest}"
+
+    def to_json(self) -> dict:
+        data: dict = {"results": [h.to_json() for h in self.hits]}
+        if self.cutoff_rule is not None:
+            data["cutoff"] = {"rule": self.cutoff_rule, "level": self.cutoff}
+        if self.message:
+            data["message"] = self.message
+            data["closest"] = [h.to_json() for h in self.closest]
+        if self.notes:
+            data["notes"] = list(self.notes)
+        return data
+
+
+def _relevance_text(hit: Hit) -> str:
+    return f"relevance {hit.relevance:.2f}" if hit.relevance is not None else f"score {hit.score:.3f}"
 
 
 @dataclass(frozen=True)
@@ -96,6 +144,7 @@ class Searcher:
         self._lock = threading.Lock()
         self._run_model = run_model
         self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._filter_cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
 
     @classmethod
     def open(cls, index_dir: Path | str, model: str | None = None, pretrained: str | None = None,
@@ -135,19 +184,12 @@ class Searcher:
         """Exactly one of `text` or `image`; results ranked offset+1 .. offset+k against `target`."""
         if (text is None) == (image is None):
             raise QueryError("give exactly one of a text or an image query")
-        vector = self.encode_text(text) if text is not None else self.encode_image(image)
-        return self.search_vector(vector, target=target, k=k, offset=offset)
-
-    def search_vector(self, vector: np.ndarray, target: str = "images", k: int = 10, offset: int = 0) -> list[Hit]:
-        return self._search(self.index, vector, target, k, offset)
+        return self.run(Query((Term(text=text, image=image),), target=target, k=k, offset=offset)).hits
 
     def similar(self, image_id: int, k: int = 10, offset: int = 0) -> list[Hit]:
         """More like indexed image `image_id`: the images nearest to its stored vector (the image itself included;
         no model call). NotFoundError when the index has no such image."""
-        index = self.index  # one snapshot: the id and its vector must come from the version that is searched
-        if not 0 <= image_id < index.manifest.n_images:
-            raise NotFoundError(f"no image with id {image_id}")
-        return self._search(index, index.vectors("images")[image_id], "images", k, offset)
+        return self.run(Query((Term(image_id=image_id),), k=k, offset=offset)).hits
 
     def image(self, image_id: int) -> IndexedImage:
         """Catalog record and captions of one indexed image; NotFoundError when the index has no such image."""
@@ -158,22 +200,58 @@ class Searcher:
         captions = index.catalog.captions_of([image_id])[image_id]
         return IndexedImage(record, tuple(captions), index.manifest.source.get("images"))
 
-    def _search(self, index: StoredIndex, vector: np.ndarray, target: str, k: int, offset: int) -> list[Hit]:
-        """Results offset+1 .. offset+k of `vector` against `target`, all read from the one version `index`: `reopen`
-        may swap in a new version meanwhile."""
-        if target not in TARGETS:
-            raise QueryError(f"unknown target '{target}' (choose images or captions)")
-        check_paging(k, offset, self.config)
-        if target == "captions" and index.manifest.n_captions == 0:
-            raise NoCaptionsError("this index has no captions (it was built from images alone); search images instead")
-        vector_index = index.images if target == "images" else index.captions
-        scores, ids = vector_index.search(vector[None], offset + k)
-        scores, ids = scores[0, offset:], ids[0, offset:]
-        keep = ids >= 0
-        scores, ids = scores[keep], ids[keep]
-        if target == "images":
-            return self._image_hits(index, scores, ids, offset)
-        return self._caption_hits(index, scores, ids, offset)
+    def run(self, query: Query) -> Results:
+        """A compound, filtered, cut, deduplicated search (search/query.py, search/retrieval.py), all read from one
+        version of the index: `reopen` may swap in a new version meanwhile."""
+        index = self.index
+        if query.target not in TARGETS:
+            raise QueryError(f"unknown target '{query.target}' (choose images or captions)")
+        for term in query.texts:
+            checked_text(term.text, self.config)
+        check_paging(query.k, query.offset, self.config)
+        vectors = self.query_vectors(index, query) if query.mode != "keyword" else None
+        return self._results(index, query, vectors)
+
+    def query_vectors(self, index: StoredIndex, query: Query) -> QueryVectors:
+        """The terms' vectors, combined (search/retrieval.py); image_id terms take the stored vector (no model)."""
+        vectors = []
+        for term in query.terms:
+            if term.text is not None:
+                vectors.append(self.encode_text(term.text))
+            elif term.image is not None:
+                vectors.append(self.encode_image(term.image))
+            else:
+                if not 0 <= term.image_id < index.manifest.n_images:
+                    raise NotFoundError(f"no image with id {term.image_id}")
+                vectors.append(np.asarray(index.vectors("images")[term.image_id], np.float32))
+        return query_vectors(vectors, query)
+
+    def _results(self, index: StoredIndex, query: Query, vectors: QueryVectors | None) -> Results:
+        allowed = self._allowed(index, query)
+        ranking = rank(index, query, vectors, allowed)
+        to_hits = self._image_hits if query.target == "images" else self._caption_hits
+        return Results(to_hits(index, ranking.page, query.offset), ranking.cutoff, ranking.cutoff_rule,
+                       to_hits(index, ranking.closest, 0), ranking.notes)
+
+    def _allowed(self, index: StoredIndex, query: Query) -> np.ndarray | None:
+        """Ids of the target the filters admit (None: no filters), cached per index version and filter."""
+        if query.filters.is_empty():
+            return None
+        key = (index.version, query.target, query.filters)
+        with self._lock:
+            cached = self._filter_cache.get(key)
+        if cached is None:
+            cached = index.catalog.filter_ids(query.filters)
+            if query.target == "captions":
+                links = index.catalog.caption_links()
+                caption_ids = np.array([c for c, _ in links], np.int64)
+                image_ids = np.array([i for _, i in links], np.int64)
+                cached = caption_ids[np.isin(image_ids, cached)]
+            with self._lock:
+                self._filter_cache[key] = cached
+                if len(self._filter_cache) > FILTER_CACHE_SIZE:
+                    self._filter_cache.popitem(last=False)
+        return cached
 
     def reopen(self) -> bool:
         """Switch to the index now on disk at the same path (after an update); False when it is the same version.
@@ -185,18 +263,25 @@ class Searcher:
         self.index = fresh  # one reference assignment: readers see the old or the new version, never a mix
         return True
 
-    def _image_hits(self, index: StoredIndex, scores: np.ndarray, ids: np.ndarray, offset: int) -> list[Hit]:
+    def _image_hits(self, index: StoredIndex, found: list[Candidate], offset: int) -> list[Hit]:
+        ids = [c.id for c in found]
         records = index.catalog.images(ids)
         captions = index.catalog.captions_of(ids)
-        return [Hit(rank=offset + i + 1, score=float(s), image_id=int(j), image=records[int(j)].path,
-                    captions=tuple(captions[int(j)])) for i, (s, j) in enumerate(zip(scores, ids))]
+        return [Hit(rank=offset + i + 1, score=_score(c), image_id=c.id, image=records[c.id].path,
+                    captions=tuple(captions[c.id]), relevance=c.relevance, matched=c.matched,
+                    taken=getattr(records[c.id], "taken", None)) for i, c in enumerate(found)]
 
-    def _caption_hits(self, index: StoredIndex, scores: np.ndarray, ids: np.ndarray, offset: int) -> list[Hit]:
-        captions = index.catalog.captions(ids)
+    def _caption_hits(self, index: StoredIndex, found: list[Candidate], offset: int) -> list[Hit]:
+        captions = index.catalog.captions([c.id for c in found])
         images = index.catalog.images({c.image_id for c in captions.values()})
         hits = []
-        for i, (s, j) in enumerate(zip(scores, ids)):
-            caption = captions[int(j)]
-            hits.append(Hit(rank=offset + i + 1, score=float(s), image_id=caption.image_id,
-                            image=images[caption.image_id].path, caption_id=caption.id, caption=caption.text))
+        for i, c in enumerate(found):
+            caption = captions[c.id]
+            hits.append(Hit(rank=offset + i + 1, score=_score(c), image_id=caption.image_id,
+                            image=images[caption.image_id].path, caption_id=caption.id, caption=caption.text,
+                            relevance=c.relevance, matched=c.matched))
         return hits
+
+
+def _score(candidate: Candidate) -> float:
+    return float("nan") if candidate.score is None else candidate.score

@@ -81,7 +81,8 @@ def _open_faiss(path: Path, kind: str, manifest: Manifest, vectors: np.ndarray) 
     if entry.get("on_disk"):  # IVF lists in NAME.ivfdata, candidates re-scored from the raw vectors
         return OnDiskIndex.load(path / FAISS_FILES[kind], vectors, manifest.factory(kind), manifest.metric,
                                 entry.get("params"))
-    return VectorIndex.load(path / FAISS_FILES[kind], manifest.factory(kind), manifest.metric, entry.get("params"))
+    return VectorIndex.load(path / FAISS_FILES[kind], manifest.factory(kind), manifest.metric, entry.get("params"),
+                            vectors=vectors)
 
 
 def _open_vectors(path: Path) -> np.ndarray:

@@ -3,14 +3,21 @@ Content-Security-Policy (Playwright's wait_for_function evaluates strings in the
 forbids; page.evaluate goes through the DevTools protocol, which the policy does not govern)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-quic", "--no-first-run", "--disable-sync"]
 
@@ -62,3 +69,32 @@ def every_image_loaded(page) -> int:
     broken = [src for src, width in widths if width == 0]
     assert widths and not broken, f"broken images: {broken}"
     return len(widths)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def web_server(index: Path, cwd: Path = ROOT, env: dict | None = None) -> Iterator[str]:
+    """`python -m web --index INDEX` on a free loopback port, started in `cwd`; yields its URL once /api/health
+    answers, and stops it on exit."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "web", "--index", str(index), "--port", str(port)], cwd=cwd,
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(url + "/api/health", timeout=1)
+                break
+            except OSError:
+                if process.poll() is not None:
+                    pytest.fail(f"server exited: {process.stderr.read().decode()[-2000:]}")
+                time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)

@@ -50,7 +50,7 @@ def test_build_every_format(tmp_path, images, tiny_model_spec, tiny_encoder, fmt
     assert f"indexed {n_images} images and {n_captions} captions" in capsys.readouterr().out
 
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["format_version"] == 2 and manifest["dim"] == 32 and manifest["metric"] == "ip"
+    assert manifest["format_version"] == 3 and manifest["dim"] == 32 and manifest["metric"] == "ip"
     assert manifest["encoder"]["model"] == tiny_model_spec and manifest["fingerprint"] == tiny_encoder.fingerprint
     assert (manifest["n_images"], manifest["n_captions"]) == (n_images, n_captions)
     assert manifest["image_factory"] == "Flat" and manifest["source"]["format"] == fmt and manifest["created"]

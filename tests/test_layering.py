@@ -2,6 +2,7 @@
 alone (only its `__main__` edge reaches the demo); command-line edges (cli.py, __main__.py) import the library and
 nothing imports them; only the open_clip encoder package imports open_clip."""
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +70,11 @@ def test_only_the_open_clip_package_imports_open_clip():
 def test_only_the_catalog_module_runs_sql():
     importers = {p.relative_to(ROOT).as_posix() for p, names in _modules() if "sqlite3" in names}
     assert importers == {"search/catalog.py"}
+    sql = re.compile(r"\b(SELECT|INSERT|UPDATE|DELETE|CREATE|ALTER|DROP)\b.*\b(FROM|INTO|TABLE|SET|INDEX)\b")
+    writers = {p.relative_to(ROOT).as_posix() for p, _ in _modules()
+               for node in ast.walk(ast.parse(p.read_text(encoding="utf-8")))
+               if isinstance(node, ast.Constant) and isinstance(node.value, str) and sql.search(node.value)}
+    assert writers == {"search/catalog.py"}  # connections handed out (writer.catalog.conn) run no SQL elsewhere
 
 
 def test_only_the_layout_module_spells_the_names_of_an_index_files():

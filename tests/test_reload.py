@@ -133,7 +133,7 @@ def test_one_failing_request_does_not_take_the_server_down(tmp_path, tiny_model_
                          tiny_model_spec, "--quiet"]) == 0
     app = create_app(index=str(index))
     searcher = app.extensions["image_search"].searcher
-    real = searcher.search_vector
+    real = searcher.run
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -142,7 +142,7 @@ def test_one_failing_request_does_not_take_the_server_down(tmp_path, tiny_model_
             raise RuntimeError("disk hiccup")
         return real(*args, **kwargs)
 
-    searcher.search_vector = flaky
+    searcher.run = flaky
     client = app.test_client()
     failed = client.get("/api/search?q=red")
     assert failed.status_code == 500 and failed.get_json() == {"error": "internal error"}

@@ -104,12 +104,13 @@ def test_cli_query_json_shapes(index_dir, capsys):
     assert search_main(["query", "--index", str(index_dir), "--text", "a blue bar", "-k", "3", "--json"]) == 0
     results = json.loads(capsys.readouterr().out)["results"]
     assert [r["rank"] for r in results] == [1, 2, 3]
-    assert set(results[0]) == {"rank", "score", "image", "captions"} and len(results[0]["captions"]) == 3
+    assert set(results[0]) == {"rank", "score", "image", "captions", "taken", "relevance"}
+    assert len(results[0]["captions"]) == 3 and 0 <= results[0]["relevance"] <= 1
     photo = index_dir.parent / "images" / PAIRS[0][0]
     assert search_main(["query", "--index", str(index_dir), "--image", str(photo), "--target", "captions",
                         "--json"]) == 0
     results = json.loads(capsys.readouterr().out)["results"]
-    assert len(results) == 10 and set(results[0]) == {"rank", "score", "caption", "image"}
+    assert len(results) == 10 and set(results[0]) == {"rank", "score", "caption", "image", "relevance"}
     assert search_main(["query", "--index", str(index_dir), "--text", "a blue bar", "-k", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[0].split()[0] == "1"

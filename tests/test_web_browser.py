@@ -1,6 +1,5 @@
 """End to end in a real headless Chromium against `python -m web` served on localhost."""
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -9,18 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from .browser import CHROMIUM, launch_browser, wait_until
+from .browser import CHROMIUM, free_port, launch_browser, wait_until, web_server
 from .helpers import build_test_index, make_pairs
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = make_pairs(30, seed=7)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -31,21 +24,8 @@ def server(tmp_path_factory, tiny_model_spec):
         pytest.skip("chromium not installed (apt-get install chromium chromium-driver)")
     root = tmp_path_factory.mktemp("browser")
     build_test_index(root, PAIRS, tiny_model_spec)
-    port = _free_port()
-    process = subprocess.Popen([sys.executable, "-m", "web", "--index", str(root / "index"), "--port", str(port)],
-                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(url + "/api/health", timeout=1)
-            break
-        except OSError:
-            if process.poll() is not None:
-                pytest.fail(f"server exited: {process.stderr.read().decode()[-2000:]}")
-            time.sleep(0.1)
-    yield url, root
-    process.terminate()
-    process.wait(10)
+    with web_server(root / "index") as url:
+        yield url, root
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +46,7 @@ def test_search_open_more_like_this_upload_and_screenshot(server, browser, tmp_p
     page = browser.new_page(viewport={"width": 1200, "height": 900})
     page.goto(url)
     assert "30 images" in page.text_content("header")
+    page.uncheck("#only-relevant")  # the whole ranking: with a random model's index few hits count as relevant
 
     # text → image, typed and submitted with the keyboard
     page.fill("#q", "a green triangle")
@@ -140,7 +121,7 @@ def test_error_empty_states_keyboard_and_phone_width(server, browser, tmp_path):
 def test_runs_under_gunicorn(server):
     """The README's production command: gunicorn calling the app factory with keyword settings."""
     _, root = server
-    port = _free_port()
+    port = free_port()
     app_spec = f'web:create_app(index="{root / "index"}")'
     process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-w", "1", "-b",
                                 f"127.0.0.1:{port}", app_spec], cwd=ROOT, stdout=subprocess.DEVNULL,

@@ -1,6 +1,7 @@
 """The JSON API (stable spellings: scripts rely on them).
 
-GET  /api/search?q=TEXT&k=10&offset=0            text → images
+GET  /api/search?q=TEXT&k=10&offset=0&cutoff=none text → images
+POST /api/search  (JSON: terms, target, k, offset, cutoff, filters, mode, dedupe, sort — search/query.py)
 POST /api/search/image  (multipart `image`; target=images|captions, k, offset)
 GET  /api/search/similar?id=ID&k=10&offset=0      "more like this": an indexed image → images, without re-encoding
 GET  /api/images/ID                               metadata and captions of one image
@@ -16,7 +17,8 @@ from flask import Blueprint, jsonify, request, url_for
 from werkzeug.exceptions import BadRequest, Forbidden, Unauthorized
 
 from search.errors import EngineError
-from search.searcher import TARGETS, Hit
+from search.query import Query, Term
+from search.searcher import TARGETS, Hit, Results
 
 from .engine import engine, image_or_404
 
@@ -50,12 +52,32 @@ def _respond(query, started: float, hits: list[Hit], **extra):
                    results=[hit_json(h) for h in hits], **extra)
 
 
+def _respond_results(query, started: float, results: Results):
+    """`_respond` plus how the page was cut: cutoff, an empty answer's message and closest hits, notes."""
+    extra = {key: value for key, value in results.to_json().items() if key not in ("results", "closest")}
+    if results.message:
+        extra["closest"] = [hit_json(h) for h in results.closest]
+    return _respond(query, started, results.hits, **extra)
+
+
 @api.get("/search")
 def search_text():
     started = time.perf_counter()
-    query = request.args.get("q", "")
+    text = request.args.get("q", "")
     k, offset = _paging(request.args)
-    return _respond(query, started, engine().searcher.search(text=query, k=k, offset=offset))
+    query = Query((Term(text=text),), k=k, offset=offset, cutoff=request.args.get("cutoff"))  # QueryError → 400
+    return _respond_results(text, started, engine().searcher.run(query))
+
+
+@api.post("/search")
+def search_compound():
+    """A compound, filtered, cut query as JSON (search.query.Query.from_json spells the fields)."""
+    started = time.perf_counter()
+    body = request.get_json(silent=True)
+    if body is None:
+        raise BadRequest("send a JSON object (Content-Type: application/json)")
+    query = Query.from_json(body)
+    return _respond_results(query.label, started, engine().searcher.run(query))
 
 
 @api.post("/search/image")

@@ -1,12 +1,14 @@
-"""HTML page and image files: `/`, `/thumb/ID` (cached JPEG) and `/image/ID` (the original), served by catalog id."""
+"""HTML pages and image files: `/`, `/duplicates?tier=near`, `/thumb/ID` (cached JPEG) and `/image/ID` (the
+original), served by catalog id."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-from flask import Blueprint, abort, render_template, send_file
+from flask import Blueprint, abort, render_template, request, send_file
 
-from search.errors import ImageReadError
+from search.dedupe import TIERS, DuplicateReport, duplicate_report
+from search.errors import DatasetError, ImageReadError
 from search.searcher import IndexedImage
 
 from .engine import engine, image_or_404
@@ -31,9 +33,38 @@ def _file_or_404(image_id: int) -> tuple[IndexedImage, Path]:
 
 @pages.get("/")
 def home():
+    """The search page; "only relevant" starts on when the index has a text→image calibration (search/relevance.py),
+    since without one the cutoff is only a per-query score-gap guess."""
     manifest = engine().searcher.index.manifest
+    calibrated = "text_image" in (manifest.relevance or {}).get("maps", {})
     return render_template("index.html", n_images=manifest.n_images, n_captions=manifest.n_captions,
-                           model=str(manifest.encoder), max_upload_mb=engine().config.max_upload_mb)
+                           model=str(manifest.encoder), max_upload_mb=engine().config.max_upload_mb,
+                           calibrated=calibrated)
+
+
+MAX_GROUPS_SHOWN = 200  # a page of thumbnails, not the whole listing (the CLI's --json has every group)
+_reports: dict[tuple, DuplicateReport] = {}  # (index path, version, tier): a listing compares every pair of images
+
+
+@pages.get("/duplicates")
+def duplicates():
+    tier = request.args.get("tier", "near")
+    if tier not in TIERS:
+        abort(400, f"unknown tier '{tier}' (available: {', '.join(TIERS)})")
+    index = engine().searcher.index
+    key = (str(index.path), index.version, tier)
+    report, problem = _reports.get(key), None
+    if report is None:
+        try:
+            report = duplicate_report(index, tier)
+        except DatasetError as exc:  # the exact tier of an index without file hashes: say why on the page
+            problem = str(exc)
+        else:
+            if len(_reports) >= 8:
+                _reports.clear()
+            _reports[key] = report
+    return render_template("duplicates.html", tier=tier, tiers=TIERS, report=report, problem=problem,
+                           groups=report.groups[:MAX_GROUPS_SHOWN] if report else (), n_images=index.manifest.n_images)
 
 
 @pages.get("/thumb/<int:image_id>")

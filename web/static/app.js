@@ -1,12 +1,19 @@
-// Search page: text, image (file picker, drag-and-drop, paste) and "more like this" queries against the JSON API.
+// Search page: compound text queries (POST /api/search: a text, added images, "without" words, the relevance cutoff,
+// filters, mode, dedupe and sort), image-only queries (file picker, drag-and-drop, paste) and "more like this".
 // Every piece of data from the server goes into the page with textContent or as an attribute, never as HTML.
 "use strict";
 
 const PAGE_SIZE = 24;
+const WITHOUT_WEIGHT = -0.5;  // a "without …" term's weight (Marqo's example): pushes results away, never cancels
+const MAX_ADDED = 15;  // the server takes 16 terms: the text plus 15 added ones
+const STOPWORDS = new Set("a an and are as at be by for from in is it of on or the to with".split(" "));  // keywords.py
+const WORD = /[\p{L}\p{N}]+/gu;  // a word as the catalog's tokenizer cuts them: letters and digits
 const maxUploadBytes = parseFloat(document.body.dataset.maxUploadMb) * 1024 * 1024;
 const $ = (id) => document.getElementById(id);
 const results = $("results"), statusLine = $("status"), moreButton = $("more"), viewer = $("viewer");
-let current = null;  // {kind: "text"|"image"|"similar", q, file, id, target, offset, label}
+// kind "compound": {terms, options, words, label}; "image": {file, target}; "similar": {id}; all: offset, label
+let current = null;
+const added = [];  // what the user added to the text: {kind: "image", name, data, url} or {kind: "without", text}
 
 function setStatus(message, isError = false) {
   statusLine.textContent = message;
@@ -15,8 +22,9 @@ function setStatus(message, isError = false) {
 
 function request(query) {
   const k = PAGE_SIZE, offset = query.offset;
-  if (query.kind === "text") {
-    return fetch(`/api/search?${new URLSearchParams({q: query.q, k, offset})}`);
+  if (query.kind === "compound") {
+    return fetch("/api/search", {method: "POST", headers: {"Content-Type": "application/json"},
+                                 body: JSON.stringify({terms: query.terms, k, offset, ...query.options})});
   }
   if (query.kind === "similar") {
     return fetch(`/api/search/similar?${new URLSearchParams({id: query.id, k, offset})}`);
@@ -65,12 +73,19 @@ async function run(query, append = false) {
   results.removeAttribute("aria-busy");
   if (!append) results.replaceChildren();
   results.classList.toggle("captions", query.target === "captions");
-  body.results.forEach((hit) => results.append(query.target === "captions" ? captionCard(hit) : imageCard(hit)));
+  body.results.forEach((hit) => results.append(query.target === "captions" ? captionCard(hit)
+                                                                            : imageCard(hit, query.words)));
   const shown = results.children.length;
-  if (shown === 0) {
-    setStatus(`No results for ${query.label}.`);
+  const notes = body.notes || [];
+  if (shown === 0 && body.message) {
+    // the cutoff left nothing: say so, and show the closest hits marked as not relevant
+    (body.closest || []).forEach((hit) => results.append(imageCard(hit, query.words, true)));
+    setStatus([`${query.label}: ${body.message}`, ...notes].join(" · "));
+  } else if (shown === 0) {
+    setStatus([`No results for ${query.label}.`, ...notes].join(" · "));
   } else {
-    setStatus(`${shown} results for ${query.label} · ${body.took_ms.toFixed(1)} ms`);
+    const what = body.cutoff ? "relevant results" : "results";
+    setStatus([`${shown} ${what} for ${query.label}`, `${body.took_ms.toFixed(1)} ms`, ...notes].join(" · "));
   }
   moreButton.hidden = body.results.length < PAGE_SIZE;
 }
@@ -83,26 +98,81 @@ function thumb(hit, alt) {
   return img;
 }
 
-// One result card: thumbnail, score and a line of text; a click opens the image's viewer.
-function card(hit, text, className) {
+function span(className, text) {
+  const element = document.createElement("span");
+  element.className = className;
+  element.textContent = text;
+  return element;
+}
+
+// The words keyword search looks for in a text (search/keywords.py: common words only when there is nothing else).
+function keywordWords(text) {
+  const words = [...new Set((text.match(WORD) || []).map(fold))];
+  const kept = words.filter((w) => !STOPWORDS.has(w));
+  return kept.length ? kept : words;
+}
+
+// Compared like the catalog's tokenizer: case and diacritics ignored.
+const fold = (word) => word.normalize("NFD").replace(/\p{M}/gu, "").toLowerCase();
+
+// `text` as text nodes, with each of `words` inside it wrapped in a <mark>.
+function highlighted(text, words) {
+  const fragment = document.createDocumentFragment();
+  if (!words.length) { fragment.append(text); return fragment; }
+  let last = 0;
+  for (const found of text.matchAll(WORD)) {
+    if (!words.includes(fold(found[0]))) continue;
+    fragment.append(text.slice(last, found.index));
+    const mark = document.createElement("mark");
+    mark.textContent = found[0];
+    fragment.append(mark);
+    last = found.index + found[0].length;
+  }
+  fragment.append(text.slice(last));
+  return fragment;
+}
+
+const matches = (text, words) => (text.match(WORD) || []).filter((w) => words.includes(fold(w))).length;
+
+// One result card: thumbnail, score (and relevance), which rankings matched, a line of text with the query's words
+// marked; a click opens the image's viewer. `notRelevant` marks the closest hits of an answer the cutoff emptied.
+function card(hit, text, className, words = [], notRelevant = false) {
   const item = document.createElement("li");
   const button = document.createElement("button");
   button.type = "button";
-  button.className = className;
+  button.className = className + (notRelevant ? " not-relevant" : "");
   button.dataset.id = hit.id;
   const label = document.createElement("div");
   label.className = "text";
-  const score = document.createElement("span");
-  score.className = "score";
-  score.textContent = hit.score.toFixed(3) + " ";
-  label.append(score, text);
+  if (notRelevant) label.append(span("flag", "not relevant"), " ");
+  if (hit.score !== null && hit.score !== undefined) label.append(span("score", hit.score.toFixed(3)), " ");
+  if (typeof hit.relevance === "number") {
+    label.append(span("relevance", `${Math.round(hit.relevance * 100)} % relevant`), " ");
+  }
+  if (words.length) {
+    (hit.matched || []).forEach((how) => label.append(span(`badge matched-${how.replace(/\W+/g, "-")}`, how), " "));
+  }
+  if (words.length && (hit.matched || []).includes("file name")) {
+    const file = span("file", "");
+    file.append(highlighted(hit.image, words));
+    label.append(file, " ");
+  }
+  const line = span("line", "");
+  line.append(highlighted(text, words));
+  label.append(line);
   button.append(thumb(hit, text), label);
   button.addEventListener("click", () => openViewer(hit.id));
   item.append(button);
   return item;
 }
 
-const imageCard = (hit) => card(hit, hit.captions[0] || hit.image, "card");
+// In keyword and hybrid modes the caption holding most of the query's words is shown, so the match can be seen.
+function imageCard(hit, words = [], notRelevant = false) {
+  const captions = hit.captions || [];
+  const best = words.length ? captions.reduce((a, b) => (matches(b, words) > matches(a, words) ? b : a), captions[0])
+                            : captions[0];
+  return card(hit, best || hit.image, "card", words, notRelevant);
+}
 const captionCard = (hit) => card(hit, hit.caption, "card caption-hit");
 
 async function openViewer(id) {
@@ -135,12 +205,127 @@ function searchImage(file) {
   run({kind: "image", file, target, offset: 0, label: file.name || "the pasted image"});
 }
 
+// The options of a compound query as Query.from_json spells them (search/query.py).
+function readOptions() {
+  const filters = {};
+  const path = $("f-path").value.trim();
+  if (path) filters.path_prefix = path;
+  if ($("f-after").value) filters.taken_after = $("f-after").value;
+  if ($("f-before").value) filters.taken_before = $("f-before").value;  // the server includes that whole day
+  if ($("f-min-width").value !== "") filters.min_width = Number($("f-min-width").value);
+  if ($("f-min-height").value !== "") filters.min_height = Number($("f-min-height").value);
+  return {cutoff: $("only-relevant").checked ? "auto" : "none", mode: $("mode").value, sort: $("sort").value,
+          dedupe: $("dedupe").checked, filters};
+}
+
+// The text in the box plus the added images and "without" words, with the options on screen now.
+function compoundQuery(q) {
+  const terms = q ? [{text: q, weight: 1}] : [];
+  const parts = q ? [`“${q}”`] : [];
+  added.forEach((term) => {
+    if (term.kind === "image") {
+      terms.push({image: term.data, weight: 1});
+      parts.push(`+ ${term.name}`);
+    } else {
+      terms.push({text: term.text, weight: WITHOUT_WEIGHT});
+      parts.push(`without “${term.text}”`);
+    }
+  });
+  return withOptions({kind: "compound", terms, text: q, offset: 0, target: "images", label: parts.join(" ")});
+}
+
+function withOptions(query) {
+  const options = readOptions();
+  const words = options.mode === "vector" ? [] : keywordWords(query.text);
+  return {...query, options, words, offset: 0};
+}
+
+function renderChips() {
+  $("terms").replaceChildren(...added.map((term) => {
+    const item = document.createElement("li");
+    item.className = `chip ${term.kind}`;
+    item.dataset.kind = term.kind;
+    const name = term.kind === "image" ? term.name : `without “${term.text}”`;
+    if (term.kind === "image") {
+      const img = document.createElement("img");
+      img.src = term.url;
+      img.alt = "";
+      item.append(img);
+    }
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.className = "remove";
+    remove.textContent = "×";
+    remove.setAttribute("aria-label", `remove ${name}`);
+    remove.addEventListener("click", () => {
+      added.splice(added.indexOf(term), 1);
+      if (term.url) URL.revokeObjectURL(term.url);
+      renderChips();
+      $("q").focus();
+    });
+    item.append(span("name", name), remove);
+    return item;
+  }));
+}
+
+function canAdd() {
+  if (added.length < MAX_ADDED) return true;
+  setStatus(`Error: a query takes at most ${MAX_ADDED} added images and words.`, true);
+  return false;
+}
+
+function addWithout() {
+  const text = $("without").value.trim();
+  if (!text || !canAdd()) return;
+  added.push({kind: "without", text});
+  $("without").value = "";
+  renderChips();
+}
+
+const base64Of = (file) => new Promise((resolve, reject) => {
+  const reader = new FileReader();
+  reader.onload = () => resolve(reader.result.slice(reader.result.indexOf(",") + 1));  // after "data:…;base64,"
+  reader.onerror = () => reject(reader.error);
+  reader.readAsDataURL(file);
+});
+
+async function addImage(file) {
+  if (!file || !canAdd()) return;
+  if (!file.type.startsWith("image/")) { setStatus("Error: that file is not an image.", true); return; }
+  if (file.size * 4 / 3 > maxUploadBytes) {  // it travels as base64 inside the JSON body
+    setStatus(`Error: the image is larger than ${document.body.dataset.maxUploadMb} MB as sent.`, true);
+    return;
+  }
+  const name = file.name || "the pasted image";
+  added.push({kind: "image", name, data: await base64Of(file), url: URL.createObjectURL(file)});
+  renderChips();
+  setStatus(`Added ${name} to the query: press Search.`);
+}
+
 $("text-form").addEventListener("submit", (event) => {
   event.preventDefault();
+  addWithout();  // a "without" word typed but not yet added counts too
   const q = $("q").value.trim();
-  if (!q) { setStatus("Type something to search for.", true); return; }
-  run({kind: "text", q, offset: 0, target: "images", label: `“${q}”`});
+  if (!q && !added.some((term) => term.kind === "image")) {
+    setStatus("Type something to search for.", true);
+    return;
+  }
+  run(compoundQuery(q));
 });
+$("without").addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && $("without").value.trim()) { event.preventDefault(); addWithout(); }
+});
+$("add-image").addEventListener("click", () => $("term-file").click());
+$("term-file").addEventListener("change", async (event) => {
+  const file = event.target.files[0];
+  await addImage(file);
+  event.target.value = "";  // choosing the same file again adds it again
+});
+// Filters and the other options re-run the compound query on screen with its terms.
+["only-relevant", "mode", "sort", "dedupe", "f-path", "f-after", "f-before", "f-min-width", "f-min-height"]
+  .forEach((id) => $(id).addEventListener("change", () => {
+    if (current && current.kind === "compound") run(withOptions(current));
+  }));
 moreButton.addEventListener("click", () => run({...current, offset: results.children.length}, true));
 $("file").addEventListener("change", (event) => searchImage(event.target.files[0]));
 // Switching between "similar images" and "captions that describe it" re-runs the image query on screen.
