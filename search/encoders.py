@@ -75,6 +75,10 @@ class Encoder(abc.ABC):
     image_size: int | None = None  # side of the model's square input, when it has one
     precision: str = "fp32"  # numeric format of the weights at inference: fp32, bf16, fp16 or int8
     runtime: str = "torch"  # what runs the model: torch or onnx (RUNTIMES)
+    # whether idle worker threads may spin-wait between calls (ONNX Runtime honours it before its first call; torch
+    # ignores it): fastest for one command-line query; a server sets False, since spinning threads take the cores
+    # its other work (FAISS, SQLite, other requests) needs
+    spin: bool = True
 
     @property
     @abc.abstractmethod

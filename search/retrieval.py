@@ -11,6 +11,8 @@ The steps, each a small function below:
 """
 from __future__ import annotations
 
+import functools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +27,7 @@ RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009; Weaviate, El
 CLOSEST_SHOWN = 3  # hits reported as "the closest were …" when the cutoff leaves nothing
 FETCH_FACTOR = 4  # candidates fetched per result when dedupe or a cutoff may drop some
 MIN_EXTRA = 50
+KEYWORD_THREADS = 4  # hybrid queries running their keyword half at once (a server answers requests in parallel)
 
 
 @dataclass(frozen=True)
@@ -110,11 +113,21 @@ def _candidates(index: StoredIndex, query: Query, vector: np.ndarray | None, all
                 fetch: int, notes: list[str]) -> list[Candidate]:
     if query.mode == "vector":
         return _vector_ranking(index, query.target, vector, allowed, fetch, mark=False)
-    vectors = _vector_ranking(index, query.target, vector, allowed, fetch) if query.mode == "hybrid" else []
-    keywords = _keyword_ranking(index, query, allowed, fetch)
     if query.mode == "keyword":
-        return keywords
-    return _fused(index, query.target, vector, vectors, keywords)
+        return _keyword_ranking(index, query, allowed, fetch)
+    # hybrid: the keyword ranking (SQLite, which lets go of the GIL while it steps) runs on another core meanwhile:
+    # FAISS searches one query on one thread, so the two rankings cost about the slower of them, not their sum
+    keywords = _keyword_pool().submit(_keyword_ranking, index, query, allowed, fetch)
+    try:
+        vectors = _vector_ranking(index, query.target, vector, allowed, fetch)
+    finally:
+        found = keywords.result()
+    return _fused(index, query.target, vector, vectors, found)
+
+
+@functools.lru_cache(maxsize=1)
+def _keyword_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=KEYWORD_THREADS, thread_name_prefix="keyword-search")
 
 
 def _vector_ranking(index: StoredIndex, target: str, vector: np.ndarray, allowed: np.ndarray | None,

@@ -169,3 +169,27 @@ def test_a_build_indexes_file_names_and_folders_as_words(tmp_path, tiny_encoder)
     assert hits("jpg") == {"holiday/beach_2019.jpg": ("file name",), "plain.jpg": ("file name",)}
     assert hits("sea") == {"holiday/beach_2019.jpg": ("caption",)}
     assert [c for c, _, _ in catalog.keyword_captions("towel", 10)] == [1]
+
+
+def test_common_words_drop_out_of_the_match_only_in_large_collections_and_only_beside_rarer_ones(tmp_path):
+    """Lucene's cutoff frequency: a word in more than 5 % (and more than 1,000) of the images leaves the match when
+    a rarer word remains; the BM25 order of the rarer words' matches is that of the rarer words alone."""
+    path = tmp_path / "catalog.sqlite"
+    writer = CatalogWriter(path)
+    docs = {}
+    for i in range(24_000):
+        words = ["sand"] * (i % 4 == 0) + ["kite"] * (i % 97 == 0) + [VOCAB[i % len(VOCAB)]]
+        writer.add(f"img{i}.jpg", 10, 10, [" ".join(words)])
+        docs[i] = words + tokens(f"img{i}.jpg")
+    writer.close()
+    catalog = Catalog(path)
+    found = catalog.keyword_images("sand kite", 100_000)  # sand: 6,000 images (25 %), kite: 248
+    assert [i for i, _, _ in found] == ranked(bm25(docs, ["kite"]))
+    alone = catalog.keyword_images("sand", 100_000)  # nothing rarer: the common word is searched
+    assert len(alone) == 6000
+    small = CatalogWriter(tmp_path / "small.sqlite")
+    for i in range(200):
+        small.add(f"s{i}.jpg", 10, 10, ["sand kite" if i % 50 == 0 else ("sand" if i % 4 == 0 else "grass")])
+    small.close()
+    assert len(Catalog(tmp_path / "small.sqlite").keyword_images("sand kite", 1000)) == sum(
+        i % 50 == 0 or i % 4 == 0 for i in range(200))  # under 1,000 images: every word matches

@@ -1,7 +1,9 @@
 """The README's own commands, verbatim, from the root of a copy of the repository (as a new user runs them, with the
 README's relative paths), then a real browser checks what a person sees: every picture on the page loaded."""
+import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -19,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 DEMO_COMMAND = "python -m web --demo --demo-scale tiny"
 INDEX_COMMAND = "python -m web --index demo_data/index"
+RELEVANT_COMMAND = ('python -m search query --index demo_data/index --text "two small red circles on the left" '
+                    '--cutoff auto')
 
 
 def readme_command(command: str) -> list[str]:
@@ -26,7 +30,7 @@ def readme_command(command: str) -> list[str]:
     blocks = "\n".join(re.findall(r"```bash\n(.*?)```", README, re.S))
     assert any(line.split("#")[0].strip() == command for line in blocks.splitlines()), \
         f"README.md no longer shows `{command}` in a bash block"
-    return command.split()
+    return shlex.split(command)
 
 
 def _free_port() -> int:
@@ -99,6 +103,20 @@ def _text_and_image_queries(page, url: str, photo: Path) -> None:
     assert failed == [], f"requests that failed: {failed}"
 
 
+def _relevant_only(repo: Path) -> None:
+    """README's --cutoff auto command, verbatim from the repository root: hits with their relevance at or above the
+    calibrated target, or the one line that says nothing is relevant and names the closest."""
+    argv = readme_command(RELEVANT_COMMAND)
+    done = subprocess.run([sys.executable, *argv[1:]], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    target = json.loads((repo / "demo_data" / "index" / "manifest.json").read_text())["relevance"]["target"]
+    lines = done.stdout.splitlines()
+    if lines[0].startswith("nothing relevant; the closest were "):
+        assert len(lines) == 1
+    else:  # rank, score, relevance, image, caption
+        assert all(float(line.split()[2]) >= target for line in lines), done.stdout
+
+
 def test_readme_demo_and_relative_index_commands_show_every_picture(tmp_path, browser):
     repo = _copy_repository(tmp_path / "clone")
     demo = Server(readme_command(DEMO_COMMAND), cwd=repo)
@@ -108,6 +126,7 @@ def test_readme_demo_and_relative_index_commands_show_every_picture(tmp_path, br
     finally:
         demo.stop()
     assert "Traceback" not in demo.output()
+    _relevant_only(repo)
 
     served = Server(readme_command(INDEX_COMMAND), cwd=repo)  # the relative --index, from the repository root
     try:

@@ -84,7 +84,9 @@ async function run(query, append = false) {
   } else if (shown === 0) {
     setStatus([`No results for ${query.label}.`, ...notes].join(" · "));
   } else {
-    const what = body.cutoff ? "relevant results" : "results";
+    // the level applied, so that "5 % relevant" on a kept hit reads right: relevance is strict (see README)
+    const level = body.cutoff && body.cutoff.level != null ? ` (relevance ≥ ${Math.round(body.cutoff.level * 100)} %)` : "";
+    const what = body.cutoff ? `relevant results${level}` : "results";
     setStatus([`${shown} ${what} for ${query.label}`, `${body.took_ms.toFixed(1)} ms`, ...notes].join(" · "));
   }
   moreButton.hidden = body.results.length < PAGE_SIZE;
@@ -147,7 +149,9 @@ function card(hit, text, className, words = [], notRelevant = false) {
   if (notRelevant) label.append(span("flag", "not relevant"), " ");
   if (hit.score !== null && hit.score !== undefined) label.append(span("score", hit.score.toFixed(3)), " ");
   if (typeof hit.relevance === "number") {
-    label.append(span("relevance", `${Math.round(hit.relevance * 100)} % relevant`), " ");
+    const relevance = span("relevance", `${Math.round(hit.relevance * 100)} % relevant`);
+    relevance.title = "calibrated probability that this is the image the query describes";
+    label.append(relevance, " ");
   }
   if (words.length) {
     (hit.matched || []).forEach((how) => label.append(span(`badge matched-${how.replace(/\W+/g, "-")}`, how), " "));
