@@ -12,7 +12,7 @@ from typing import Sequence
 from search.atomic import swap_into_place
 from search.cli_common import run_cli
 from search.encoders import DEFAULT_MODEL, LOCAL_DIR_PREFIX, EncoderSpec, create_encoder
-from search.errors import DatasetError
+from search.errors import DatasetError, EngineError
 from search.index_choice import IndexOptions, parse_size
 from search.recall import RetrievalRecall
 from search.store import open_index
@@ -152,7 +152,9 @@ def _finetune(args: argparse.Namespace) -> int:
     work = training_folder(out, args.resume, args.overwrite)  # --out and the dataset are checked before torch loads
     train = read_dataset(args.format, args.annotations, args.images, args.split)
     val = read_dataset(args.format, args.annotations, args.images, args.val_split) if args.val_split else None
+    guarding = _guard_settings(args)  # the guard set is read before torch loads too
     from .finetune import FinetuneConfig, Trainer, load_for_training
+    from .guard import Guard, GuardConfig, format_interpolation, write_epoch_plot
 
     task, from_random = load_for_training(args.model or DEFAULT_MODEL, args.pretrained, work, args.device, args.seed)
     config = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, accum_steps=args.accum_steps, lr=args.lr,
@@ -160,18 +162,50 @@ def _finetune(args: argparse.Namespace) -> int:
                             workers=args.workers, seed=args.seed, max_steps=args.max_steps,
                             progress=not args.quiet)
     source = dataset_source(args.format, args.annotations, args.images, args.split, val_split=args.val_split)
-    trainer = Trainer(task, train, val, args.images, work, config, source, from_random)
+    guard = Guard(GuardConfig(**guarding), task) if guarding else None  # before resume: keeps the original weights
+    trainer = Trainer(task, train, val, args.images, work, config, source, from_random, guard=guard)
     if args.resume:
         trainer.resume()
     run = trainer.fit()
+    plot = write_epoch_plot(work, run)
+    outcome = run.get("outcome") or {}
+    if outcome.get("refused"):  # one line, exit 1; an --overwrite run is not swapped in
+        raise EngineError(outcome["message"] + (f" (in {out})" if work == out else
+                                                f"; {out} keeps its previous model (this run: {work})"))
     if work != out:
         swap_into_place(work, out)  # the old model stayed in place until now
     best = next((r for r in run["history"] if r["epoch"] == run["best_epoch"]), None)
-    summary = f"model saved to {out} (best epoch {run['best_epoch']} of {len(run['history'])})"
+    summary = f"model saved to {out}" + ("" if run["best_epoch"] is None else  # None: an α the guard let through
+                                         f" (best epoch {run['best_epoch']} of {len(run['history'])})")
     if best and "val" in best:
         summary += f"; val {RetrievalRecall.from_json(best['val']).format(ks=(5,))}"
+    for line in format_interpolation(run) + ([outcome["message"]] if outcome.get("message") else []):
+        summary += f"\n{line}"
+    if plot is not None:
+        summary += f"\nrecall per epoch: {out / plot.name}"
     print(summary + f"\nuse it with: --model {LOCAL_DIR_PREFIX}{out}")
     return 0
+
+
+def _guard_settings(args: argparse.Namespace) -> dict | None:
+    """GuardConfig's arguments from --guard-* / --max-regression / --interpolate (None: neither asked for), the guard
+    set read; DatasetError for flags that need a guard set or a validation split without one."""
+    if args.guard_annotations is None:
+        given = [flag for flag, value in (("--guard-format", args.guard_format), ("--guard-images", args.guard_images),
+                                          ("--guard-split", args.guard_split),
+                                          ("--max-regression", args.max_regression)) if value is not None]
+        if given:
+            raise DatasetError(f"{given[0]} needs a guard set: pass --guard-annotations FILE")
+        if args.interpolate is None:
+            return None
+        if args.val_split is None:
+            raise DatasetError("--interpolate needs --val-split or a guard set (--guard-annotations) to choose α")
+        return {"alphas": args.interpolate}
+    fmt, images = args.guard_format or args.format, args.guard_images or args.images
+    settings = {"samples": tuple(read_dataset(fmt, args.guard_annotations, images, args.guard_split)),
+                "images_root": images, "source": dataset_source(fmt, args.guard_annotations, images, args.guard_split),
+                "alphas": args.interpolate or ()}
+    return settings if args.max_regression is None else {**settings, "max_regression": args.max_regression}
 
 
 def _info(args: argparse.Namespace) -> int:

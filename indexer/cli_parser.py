@@ -24,6 +24,17 @@ class _Workers(argparse.Action):
         namespace.workers, namespace.workers_given = values, True
 
 
+def _alphas(text: str) -> tuple[float, ...]:
+    """--interpolate 0.25,0.5: interpolation weights between 0 and 1."""
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of numbers") from None
+    if not values or any(not 0 <= a <= 1 for a in values):
+        raise argparse.ArgumentTypeError(f"'{text}': each weight must lie between 0 and 1")
+    return values
+
+
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", default="local", choices=ENGINES,
                         help="local: this process (default); ray: decode and encode on a Ray cluster (a local one "
@@ -152,5 +163,21 @@ def make_parser() -> argparse.ArgumentParser:
     tune.add_argument("--overwrite", action="store_true",
                       help="replace an existing model folder (kept until the new model is complete)")
     tune.add_argument("--quiet", action="store_true", help="no progress bars")
+    guard = tune.add_argument_group("guard set", "a second, general dataset whose recall (mean of R@1/5/10 in both "
+                                                 "directions) must not fall while fine-tuning")
+    guard.add_argument("--guard-annotations", "--guard-dataset", type=Path, default=None, metavar="FILE",
+                       help="annotation file of the guard set: its recall is measured before training and after "
+                            "every epoch; an epoch that loses more than --max-regression points is never kept")
+    guard.add_argument("--guard-format", default=None, choices=sorted(set(READERS) - {"folder"}),
+                       help="format of the guard set (default: --format)")
+    guard.add_argument("--guard-images", type=Path, default=None, metavar="DIR",
+                       help="image root of the guard set (default: --images)")
+    guard.add_argument("--guard-split", default=None, metavar="SPLIT",
+                       help="split of the guard set (default: every image)")
+    guard.add_argument("--max-regression", type=float, default=None, metavar="POINTS",
+                       help="points of guard recall an epoch may lose and still be kept (default: 2)")
+    guard.add_argument("--interpolate", type=_alphas, default=None, metavar="A[,A...]",
+                       help="WiSE-FT: after training, measure the weights (1-A)*original + A*fine-tuned for each A "
+                            "(0 and 1 always) on the validation and guard sets and keep the best safe one")
 
     return parser

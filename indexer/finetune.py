@@ -121,10 +121,12 @@ def _optimizer(task: ClipTask, lr: float, weight_decay: float) -> torch.optim.Ad
 class Trainer:
     def __init__(self, task: ClipTask, train: Sequence[Sample], val: Sequence[Sample] | None,
                  images_root: Path, out: Path, config: FinetuneConfig, source: dict, from_random: bool,
-                 recipe: dict | None = None):
+                 recipe: dict | None = None, guard=None):
         """`task`: the model to train (from `load_for_training`); the Trainer reaches it only through that wrapper.
-        `recipe`: anything the caller wants recorded with the run in training.json (the demo's recipe)."""
+        `recipe`: anything the caller wants recorded with the run in training.json (the demo's recipe).
+        `guard`: an indexer.guard.Guard (guard-set recall per epoch, unsafe epochs never kept, WiSE-FT at the end)."""
         self.task, self.config, self.out, self.root = task, config, Path(out), Path(images_root)
+        self.guard = guard
         self.train_samples = _captioned(train, images_root, "training")
         self.val_samples = _captioned(val, images_root, "validation")[:config.max_val_images] if val else None
         if config.batch_size % config.accum_steps:
@@ -210,12 +212,16 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.run["steps"], desc="training", unit="step", smoothing=0,
                    disable=not self.config.progress)
         with bar:
+            if self.guard is not None:
+                self.guard.start(self)
             for epoch in range(self.first_epoch, self.config.epochs + 1):
                 if self.run["steps"] >= self.total_steps:
                     break
                 self._epoch(epoch, started, bar)
                 if on_epoch is not None:
                     on_epoch(self.run["history"][-1])
+        if self.guard is not None:
+            self.guard.finish(self)
         return self.run
 
     def _epoch(self, epoch: int, started: float, bar: tqdm) -> None:
@@ -242,19 +248,22 @@ class Trainer:
         self.task.eval()  # also for whatever the caller does with the model between epochs
         if self.val_samples:
             record["val"] = validate(self.task.encoder, self.val_samples, self.root)
+        if self.guard is not None:
+            self.guard.after_epoch(self, record)
         self.run["history"].append(record)
         with tqdm.external_write_mode(file=sys.stderr):  # the log line above the bar, not through it
             log.info("epoch %d (step %d of %d): %s", epoch, self.run["steps"], self.total_steps, _describe(record))
         self._checkpoint(epoch, record)
 
     def _checkpoint(self, epoch: int, record: dict) -> None:
-        val = record.get("val")
-        score = (sum(val[d][f"R@{k}"] for d in ("text_to_image", "image_to_text") for k in (1, 5, 10))
-                 if val else float(epoch))
-        if score > self.best_score:
+        score = epoch_score(record, epoch)
+        if score > self.best_score and (self.guard is None or self.guard.keeps(record)):
             self.best_score = score
             self.run["best_epoch"] = epoch
             replace_dir(self.out, self.task.save, keep=(STATE_DIR,))
+        self.out.mkdir(parents=True, exist_ok=True)  # a guard may have refused every epoch so far
+        if self.guard is not None:
+            self.guard.checkpoint(self, epoch)
         write_atomic(self.out / RUN_FILE, json.dumps(self.run, indent=2))
         state = {"epoch": epoch, "model": self.task.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "best_score": self.best_score, "run": self.run,
@@ -284,10 +293,20 @@ class Trainer:
                  self.run["steps"], self.total_steps)
 
 
+def epoch_score(record: dict, fallback: float) -> float:
+    """What picks the epoch kept: the sum of validation R@1/5/10 in both directions, or `fallback` (the epoch
+    number: the latest) without validation."""
+    val = record.get("val")
+    return (sum(val[d][f"R@{k}"] for d in ("text_to_image", "image_to_text") for k in (1, 5, 10))
+            if val else float(fallback))
+
+
 def _describe(record: dict) -> str:
     text = f"loss {record['loss']:.4f}, {record['seconds']:.0f} s, {record['pairs_per_second']} pairs/s"
     if "val" in record:
         text += f"; val {RetrievalRecall.from_json(record['val']).format()}"
+    if "guard" in record:
+        text += f"; guard mean {record['guard']['mean']:.1f} ({0.0 - record['guard']['regression']:+.1f} points)"
     return text
 
 

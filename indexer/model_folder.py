@@ -12,11 +12,10 @@ from pathlib import Path
 
 from search.encoders import LOCAL_DIR_PREFIX
 from search.errors import IndexExistsError
-from search.openclip import CONFIG_FILE
+from search.openclip import CONFIG_FILE, RUN_FILE  # noqa: F401 (re-exported: the folder's layout)
 
 STATE_DIR = ".resume"
 STATE_FILE = "state.pt"
-RUN_FILE = "training.json"
 OWN_INIT = f"{LOCAL_DIR_PREFIX}{STATE_DIR}/init"  # a random initialisation kept inside the run's folder (moves with it)
 
 

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -28,9 +28,10 @@ from search.errors import EngineError, IndexExistsError
 from search.layout import (CATALOG_NAME, FAISS_FILES, KINDS, MANIFEST_NAME, PROGRESS_NAME, RAW_VECTOR_FILES,
                            VECTOR_FILES, partial_dir)
 from search.manifest import Manifest
-from search.index_choice import IndexOptions, build_tuned
+from search.index_choice import IndexOptions
 from search.relevance import fit_calibration
 
+from .ann_recall import index_for, previous_index, with_on_disk_records
 from .lock import WriterLock
 
 if TYPE_CHECKING:  # ondisk_build imports this module
@@ -189,20 +190,22 @@ class IndexWriter:
 
             reports = commit_on_disk(self.tmp, {kind: self.tmp / name for kind, name in RAW_VECTOR_FILES.items()},
                                      self.dim, on_disk)
+            reports = with_on_disk_records(reports, {"images": self.n_images, "captions": self.n_captions},
+                                           "update" if self.job.get("update") else "build", on_disk.target_recall)
             return self._finish(with_relevance(manifest, self.tmp), reports)
         vectors = {kind: self._vectors(kind) for kind in KINDS}
         total = max(1, sum(len(v) for v in vectors.values()))
-        reports = {}
+        reports, previous = {}, previous_index(self.out, self.job)  # an update may keep its trained quantisers
         for kind, other in zip(KINDS, reversed(KINDS)):  # each index is tuned on queries of the other kind
             np.save(self.tmp / VECTOR_FILES[kind], vectors[kind])
             budget = options.memory_budget and options.memory_budget * len(vectors[kind]) // total  # shared by count
-            index, report = build_tuned(vectors[kind], options.factory, budget, options.target_recall, vectors[other],
-                                        manifest.metric)
+            index, report = index_for(kind, vectors[kind], vectors[other], replace(options, memory_budget=budget),
+                                      manifest.metric, previous)
             index.save(self.tmp / FAISS_FILES[kind])
-            reports[kind] = asdict(report)
-            if report.params:
-                log.info("%s index %s tuned to %s: recall@10 %.3f against exact search", kind, report.factory,
-                         report.params, report.recall_at_10)
+            reports[kind] = report
+            if report["params"]:
+                log.info("%s index %s at %s: recall@10 %.3f against exact search", kind, report["factory"],
+                         report["params"], report["recall_at_10"])
         return self._finish(with_relevance(manifest, self.tmp), reports)
 
     def _finish(self, manifest: Manifest, reports: dict) -> Manifest:

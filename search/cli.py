@@ -1,4 +1,4 @@
-"""`python -m search query|eval`: search an index from the command line and measure its recall@k."""
+"""`python -m search query|eval|compare`: search an index from the command line, measure its recall@k, compare two."""
 from __future__ import annotations
 
 import argparse
@@ -11,8 +11,11 @@ from typing import Sequence
 from .cli_common import CliParser, add_model_args, run_cli
 from .errors import QueryError
 from .images import load_image
-from .evaluation import evaluate
+from .atomic import write_atomic
+from .compare import compare
+from .evaluation import clip_benchmark_result, evaluate
 from .metrics import TIES
+from .per_query import per_query
 from .query import MODES, SORTS, Filters, Query, Term, parse_date
 from .searcher import TARGETS, SearchConfig, Searcher, check_paging, checked_text
 from .store import open_index
@@ -85,8 +88,49 @@ def _query(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    metrics = evaluate(open_index(args.index), ties=args.ties)
+    if args.format == "clip_benchmark" and (args.json or args.ties != "clip_benchmark"):
+        raise QueryError("--format clip_benchmark prints CLIP_benchmark's JSON with its tie rule: drop --json/--ties")
+    if args.dataset is not None and args.format != "clip_benchmark":
+        raise QueryError("--dataset names the dataset in --format clip_benchmark's JSON")
+    index = open_index(args.index)
+    outcomes = None
+    if args.per_query is not None or args.format == "clip_benchmark" or args.plots is not None:
+        outcomes = per_query(index, ties=args.ties)
+    if args.plots is not None:
+        try:
+            written = outcomes.write_plots(args.plots, "." + args.plot_format, label=Path(args.index).name)
+        except OSError as exc:
+            raise QueryError(f"cannot write plots into {args.plots}: {exc.strerror or exc}") from None
+        for path in written:
+            print(f"wrote {path}", file=sys.stderr)
+    if args.per_query is not None:
+        try:
+            write_atomic(args.per_query, "".join(line + "\n" for line in outcomes.to_jsonl()))
+        except OSError as exc:
+            raise QueryError(f"cannot write {args.per_query}: {exc.strerror or exc}") from None
+    if args.format == "clip_benchmark":
+        print(json.dumps(clip_benchmark_result(index, outcomes, args.dataset)))
+        return 0
+    metrics = evaluate(index, ties=args.ties)
     print(json.dumps(metrics.to_json(), indent=2) if args.json else metrics.format())
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    if len(args.index) != 2:
+        raise QueryError(f"give --index twice (A, then B), not {len(args.index)} times")
+    suffix = "." + args.plot_format
+    sides = [per_query(open_index(path), ties=args.ties) for path in args.index]
+    comparison = compare(*sides, n_boot=args.n_boot, seed=args.seed, labels=tuple(str(p) for p in args.index),
+                         n_changes=args.top)
+    print(json.dumps(comparison.to_json(), indent=2, ensure_ascii=False) if args.json else comparison.format())
+    if args.plots is not None:
+        try:
+            written = comparison.write_plots(args.plots, suffix)
+        except OSError as exc:
+            raise QueryError(f"cannot write plots into {args.plots}: {exc.strerror or exc}") from None
+        for path in written:
+            print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
@@ -133,7 +177,32 @@ def make_parser() -> argparse.ArgumentParser:
                             help="which equally scored candidates make the top k: clip_benchmark = those torch.topk "
                                  "keeps, as CLIP_benchmark (default); position = the lower index first; strict = "
                                  "wrong ones before the correct one")
+    evaluation.add_argument("--per-query", type=Path, metavar="FILE.jsonl",
+                            help="also write every query's outcome (rank of the correct item, its score, what beat "
+                                 "it) as JSON lines")
+    evaluation.add_argument("--format", choices=("table", "clip_benchmark"), default="table",
+                            help="clip_benchmark: print CLIP_benchmark's result JSON (recall as fractions; "
+                                 "image_retrieval = text→image)")
+    evaluation.add_argument("--dataset", help="the dataset name in --format clip_benchmark's JSON (default: the "
+                                              "annotation file's name, e.g. flickr30k)")
+    evaluation.add_argument("--plots", type=Path, metavar="DIR", help="also write the recall@k curves into DIR")
+    evaluation.add_argument("--plot-format", choices=("png", "svg"), default="png", help="default: png")
     evaluation.set_defaults(func=_eval)
+
+    comparing = commands.add_parser("compare", help="recall of two indexes of the same dataset, B − A with a 95%% "
+                                                    "bootstrap interval, the queries that changed most")
+    comparing.add_argument("--index", type=Path, action="append", required=True,
+                           help="give it twice: A (the baseline), then B")
+    comparing.add_argument("--json", action="store_true", help="print JSON")
+    comparing.add_argument("--plots", type=Path, metavar="DIR",
+                           help="write recall@k curves and rank scatter plots into DIR")
+    comparing.add_argument("--plot-format", choices=("png", "svg"), default="png", help="default: png")
+    comparing.add_argument("--top", type=int, default=10, help="queries listed per direction that improved / "
+                                                               "worsened most (default: 10)")
+    comparing.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default: 1000)")
+    comparing.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
+    comparing.add_argument("--ties", choices=TIES, default="clip_benchmark", help="as for eval")
+    comparing.set_defaults(func=_compare)
     return parser
 
 

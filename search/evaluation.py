@@ -3,10 +3,13 @@ benchmarks). The result's `format()` is the table a person reads, `to_json()` th
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
+from .errors import QueryError
 from .metrics import repeated_texts, retrieval_metrics
+from .per_query import PerQuery
 from .recall import RetrievalMetrics
 from .store import StoredIndex
 
@@ -23,3 +26,32 @@ def evaluate(index: StoredIndex, ties: str = "clip_benchmark") -> RetrievalMetri
                    factories={"images": index.images.factory, "captions": index.captions.factory},
                    params={"images": index.images.params, "captions": index.captions.params})
 
+
+
+CLIP_BENCHMARK_KS = (1, 5, 10)
+
+
+def dataset_name(index: StoredIndex) -> str:
+    """A dataset name for CLIP_benchmark's result JSON: the annotation file's stem without Karpathy's 'dataset_'
+    prefix (dataset_flickr30k.json → flickr30k), else the index directory's name."""
+    annotations = index.manifest.source.get("annotations")
+    if annotations:
+        stem = Path(annotations).stem
+        return stem[len("dataset_"):] if stem.startswith("dataset_") and len(stem) > len("dataset_") else stem
+    return index.path.resolve().name
+
+
+def clip_benchmark_result(index: StoredIndex, outcomes: PerQuery, dataset: str | None = None,
+                          ks: tuple[int, ...] = CLIP_BENCHMARK_KS) -> dict:
+    """CLIP_benchmark's zero-shot retrieval result JSON, as its CLI writes it: recall as float32 fractions (0–1),
+    `image_retrieval` = text→image, `text_retrieval` = image→text; `outcomes` measured with its tie rule."""
+    if outcomes.ties != "clip_benchmark":
+        raise QueryError("CLIP_benchmark's numbers use its own tie rule (--ties clip_benchmark)")
+    metrics = {}
+    for k in ks:
+        for key, kind in (("image_retrieval", "text_to_image"), ("text_retrieval", "image_to_text")):
+            hits = outcomes.hit(kind, k)  # CLIP_benchmark: (hits > 0).float().mean().item(), a float32 mean
+            metrics[f"{key}_recall@{k}"] = float(np.float32(int(hits.sum())) / np.float32(len(hits)))
+    spec = index.manifest.encoder
+    return {"dataset": dataset or dataset_name(index), "model": spec.model, "pretrained": spec.pretrained,
+            "task": "zeroshot_retrieval", "metrics": metrics, "language": "en"}

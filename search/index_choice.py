@@ -11,12 +11,18 @@ import logging
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
 
 from .errors import EngineError
+from .layout import FAISS_FILES, IVFDATA_FILES, KINDS
 from .vector_index import VectorIndex
+
+if TYPE_CHECKING:
+    from .manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +42,10 @@ class IndexOptions:
 class IndexReport:
     factory: str
     params: dict = field(default_factory=dict)  # e.g. {"nprobe": 16}
-    recall_at_10: float | None = None  # against exact search, on held-out queries
+    recall_at_10: float | None = None  # against exact search, on held-out queries (1.0 for Flat: it is exact)
     memory_bytes: int = 0
+    trained_on: int | None = None  # vectors present when the quantiser was trained (IVF); None: nothing trained
+    recall_queries: int = 0  # how many held-out queries recall_at_10 was measured on (0: exact, not measured)
 
 
 def parse_size(text: str | None) -> int | None:
@@ -108,9 +116,19 @@ def raise_nprobe(index: VectorIndex, queries: np.ndarray, exact: np.ndarray, tar
         nprobe = min(ceiling, nprobe * 2 if recall < target - 0.05 else nprobe + max(1, nprobe // 4))
 
 
+def exact_top_k(vectors: np.ndarray, queries: np.ndarray, metric: str, k: int = 10) -> np.ndarray:
+    """Ids of the exact top-k of `vectors` for each query (FAISS Flat: the reference recall is measured against)."""
+    return VectorIndex.build(vectors, "Flat", metric).search(queries, k)[1]
+
+
+def measure_recall(index: VectorIndex, vectors: np.ndarray, queries: np.ndarray, k: int = 10) -> float:
+    """recall@k of `index` at its current parameters against exact search over `vectors` (its rows, ids in order)."""
+    return recall_at_k(index.search(queries, k)[1], exact_top_k(vectors, queries, index.metric, k))
+
+
 def tune(index: VectorIndex, vectors: np.ndarray, queries: np.ndarray, target: float, k: int = 10) -> IndexReport:
     """Smallest nprobe (IVF) reaching `target` recall@k against exact search; the highest tried if none does."""
-    exact = VectorIndex.build(vectors, "Flat", index.metric).search(queries, k)[1]
+    exact = exact_top_k(vectors, queries, index.metric, k)
     nlist = faiss.extract_index_ivf(index.index).nlist
     nprobe, recall = raise_nprobe(index, queries, exact, target, nlist)
     if recall < target:
@@ -138,5 +156,31 @@ def build_tuned(vectors: np.ndarray, factory: str | None = None, memory_budget: 
     if not factory.startswith("IVF") or n == 0:
         return index, IndexReport(factory, {}, 1.0 if factory == "Flat" else None, memory)
     rng = np.random.default_rng(seed)
-    report = tune(index, vectors, held_out_queries(vectors, queries, rng), target_recall)
-    return index, IndexReport(factory, report.params, report.recall_at_10, memory)
+    held_out = held_out_queries(vectors, queries, rng)
+    report = tune(index, vectors, held_out, target_recall)
+    return index, IndexReport(factory, report.params, report.recall_at_10, memory, n, len(held_out))
+
+
+def ann_stats(manifest: Manifest, directory: Path) -> dict:
+    """Per kind, what the index in use is and how well it finds the exact top 10 (manifest.indexes, written by
+    indexer/ann_recall.py): factory, params, vectors, bytes on disk, recall@10 (1.0 and exact for Flat) with when
+    and on how many held-out queries it was measured, the vectors trained on and the share added since, the target.
+    Indexes built before these were recorded give None for what they lack."""
+    stats = {}
+    for kind in KINDS:
+        entry = manifest.index_report(kind)
+        n = manifest.n_images if kind == "images" else manifest.n_captions
+        files = [directory / FAISS_FILES[kind]] + ([directory / IVFDATA_FILES[kind]] if entry.get("on_disk") else [])
+        exact = bool(entry.get("exact", entry["factory"] == "Flat"))
+        added = entry.get("added_since_training")
+        stats[kind] = {
+            "factory": entry["factory"], "params": entry.get("params", {}), "vectors": n,
+            "bytes_on_disk": sum(f.stat().st_size for f in files if f.is_file()), "exact": exact,
+            "recall_at_10": 1.0 if exact else entry.get("recall_at_10"),
+            "measured": None if exact else {"by": entry.get("recall_measured"), "at": manifest.created,
+                                            "queries": entry.get("recall_queries")},
+            "trained_on": entry.get("trained_on"), "added_since_training": added,
+            "share_added_since_training": round(added / n, 4) if added is not None and n else None,
+            "target_recall": entry.get("target_recall"), "on_disk": bool(entry.get("on_disk")),
+            "recall_history": entry.get("recall_history", [])}
+    return stats

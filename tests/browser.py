@@ -78,15 +78,16 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def web_server(index: Path, cwd: Path = ROOT, env: dict | None = None) -> Iterator[str]:
-    """`python -m web --index INDEX` on a free loopback port, started in `cwd`; yields its URL once /api/health
-    answers, and stops it on exit."""
+def web_server(index: Path | str, cwd: Path = ROOT, env: dict | None = None, extra: tuple[str, ...] = ()
+               ) -> Iterator[str]:
+    """`python -m web --index INDEX [EXTRA…]` on a free loopback port, started in `cwd`; yields its URL once
+    /api/health answers, and stops it on exit."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "web", "--index", str(index), "--port", str(port)], cwd=cwd,
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen([sys.executable, "-m", "web", "--index", str(index), *extra, "--port", str(port)],
+                               cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):
+        for _ in range(600):
             try:
                 urllib.request.urlopen(url + "/api/health", timeout=1)
                 break

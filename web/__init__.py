@@ -27,10 +27,14 @@ def create_app(config: WebConfig | dict | None = None, run_model: ModelRunner = 
     app.after_request(_security_headers)
 
     from .api import api
+    from .eval_pages import eval_pages
     from .pages import pages
+    from .plot_pages import plot_pages
 
     app.register_blueprint(api)
     app.register_blueprint(pages)
+    app.register_blueprint(eval_pages)
+    app.register_blueprint(plot_pages)
     _register_error_handlers(app)
     return app
 

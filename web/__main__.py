@@ -31,7 +31,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise IndexFormatError("give --index INDEX, or --demo for the offline demo")
     config = WebConfig(index=args.index, model=args.model, pretrained=args.pretrained, device=args.device,
                        precision=args.precision, runtime=args.runtime,
-                       images=args.images, max_upload_mb=args.max_upload_mb, admin_token=args.admin_token)
+                       images=args.images, max_upload_mb=args.max_upload_mb, admin_token=args.admin_token,
+                       compare_index=args.compare_index)
     runner = MainThreadRunner()  # model calls run on this (the main) thread: see main_thread.py
     app = create_app(config, run_model=runner)
     if not _is_loopback_host(args.host) and app.extensions[EXTENSION_KEY].config.admin_token is None:
@@ -59,6 +60,9 @@ def _is_loopback_host(host: str) -> bool:
 def make_parser() -> argparse.ArgumentParser:
     parser = CliParser(prog="python -m web", description="Serve the search UI and JSON API.")
     parser.add_argument("--index", help="index directory")
+    parser.add_argument("--compare-index", metavar="INDEX_B",
+                        help="a second index of the same dataset (another model, precision, fine-tune or index type): "
+                             "the /eval page compares it with --index, recall B − A with a 95%% interval")
     demo = parser.add_argument_group("offline demo")
     demo.add_argument("--demo", action="store_true",
                       help="generate a scene dataset, train a small CLIP on it, index its test split and serve it "

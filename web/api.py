@@ -6,6 +6,7 @@ POST /api/search/image  (multipart `image`; target=images|captions, k, offset)
 GET  /api/search/similar?id=ID&k=10&offset=0      "more like this": an indexed image → images, without re-encoding
 GET  /api/images/ID                               metadata and captions of one image
 GET  /api/health
+GET  /api/stats                                   the indexes in use: type, size, recall@10 against exact search
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from flask import Blueprint, jsonify, request, url_for
 from werkzeug.exceptions import BadRequest, Forbidden, Unauthorized
 
 from search.errors import EngineError
+from search.index_choice import ann_stats
 from search.query import Query, Term
 from search.searcher import TARGETS, Hit, Results
 
@@ -150,3 +152,12 @@ def health():
     manifest = searcher.index.manifest
     return jsonify(status="ok", images=manifest.n_images, captions=manifest.n_captions, model=str(manifest.encoder),
                    dim=manifest.dim)
+
+
+@api.get("/stats")
+def stats():
+    """Counts, model and, per kind, the index in use with its recall@10 against exact search (see ann_stats)."""
+    index = engine().searcher.index  # one snapshot: manifest and files of the same version
+    manifest = index.manifest
+    return jsonify(images=manifest.n_images, captions=manifest.n_captions, model=str(manifest.encoder),
+                   created=manifest.created, indexes=ann_stats(manifest, index.path))

@@ -8,7 +8,7 @@ from pathlib import Path
 from search.searcher import SearchConfig
 
 
-PATH_FIELDS = ("index", "images", "thumbnail_dir")
+PATH_FIELDS = ("index", "images", "thumbnail_dir", "compare_index")
 ADMIN_TOKEN_ENV = "IMAGE_SEARCH_ADMIN_TOKEN"
 WEB_MAX_K = 100  # results per page a browser or API client may ask for (the CLI allows SearchConfig's default)
 
@@ -29,6 +29,8 @@ class WebConfig:
     thumbnail_dir: Path | None = None  # default: INDEX/.thumbnails, or a temporary folder if the index is read-only
     # required by POST /api/reload when set; without one, only loopback clients may reload
     admin_token: str | None = None
+    # a second index of the same dataset (another model, precision, fine-tune, index type): /eval compares the two
+    compare_index: Path | None = None
 
     def resolved(self) -> "WebConfig":
         """The same settings with every path made absolute against the current directory, once, at start-up: Flask

@@ -10,3 +10,4 @@ This module itself imports nothing heavy: command-line code reads the file names
 
 CONFIG_FILE = "open_clip_config.json"  # a local-dir folder's model (and preprocessing) config, as open_clip names it
 WEIGHTS_FILE = "open_clip_model.safetensors"  # the weights file this project writes into a local-dir folder
+RUN_FILE = "training.json"  # a fine-tuned model folder's run record: settings, per-epoch history (indexer finetune)

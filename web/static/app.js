@@ -20,6 +20,34 @@ function setStatus(message, isError = false) {
   statusLine.classList.toggle("error", isError);
 }
 
+// The footer: per index in use, its type, size and recall@10 against exact search (GET /api/stats).
+function indexStatsLine(kind, s) {
+  const parts = [`${kind} index ${s.factory}`, `${s.vectors.toLocaleString("en")} vectors`];
+  if (s.exact) parts.push("exact search");
+  else if (s.recall_at_10 != null) {
+    const when = s.measured?.by ? ` (measured at ${s.measured.by})` : "";
+    parts.push(`recall@10 ${s.recall_at_10.toFixed(3)} vs exact${when}`);
+  }
+  const added = s.share_added_since_training;
+  if (added) parts.push(`${Math.round(100 * added)}% added since training`);
+  return parts.join(" · ");
+}
+fetch("/api/stats").then((r) => (r.ok ? r.json() : null)).then((stats) => {
+  for (const [kind, s] of Object.entries(stats?.indexes || {})) {
+    if (!s.vectors) continue;
+    const line = document.createElement("p");
+    line.dataset.kind = kind;
+    line.textContent = indexStatsLine(kind, s);
+    if ((s.recall_history || []).length) {  // an approximate index: its recall over updates, as a picture
+      const plot = document.createElement("a");
+      plot.href = "/plot/ann.png";
+      plot.textContent = "recall plot";
+      line.append(" · ", plot);
+    }
+    $("index-stats").append(line);
+  }
+}).catch(() => {});  // the footer is informational: a failed request leaves it empty
+
 function request(query) {
   const k = PAGE_SIZE, offset = query.offset;
   if (query.kind === "compound") {
@@ -352,3 +380,11 @@ document.addEventListener("paste", (event) => {
   const item = [...event.clipboardData.items].find((i) => i.type.startsWith("image/"));
   if (item) searchImage(item.getAsFile());
 });
+// /?q=TEXT runs that text query on load (the evaluation page's rows link here); cutoff=none starts with "only
+// relevant" off, so that the whole ranking shows
+const opened = new URLSearchParams(window.location.search);
+if (opened.get("cutoff") === "none") $("only-relevant").checked = false;
+if ((opened.get("q") || "").trim()) {
+  $("q").value = opened.get("q").trim();
+  run(compoundQuery($("q").value));
+}
