@@ -14,6 +14,7 @@ from search.cli_common import run_cli
 from search.encoders import DEFAULT_MODEL, LOCAL_DIR_PREFIX, EncoderSpec, create_encoder
 from search.errors import DatasetError, EngineError
 from search.index_choice import IndexOptions, parse_size
+from search.manifest import read_manifest
 from search.recall import RetrievalRecall
 from search.store import open_index
 
@@ -211,6 +212,19 @@ def _guard_settings(args: argparse.Namespace) -> dict | None:
 def _info(args: argparse.Namespace) -> int:
     details = info(args.index)
     print(json.dumps(details, indent=2, ensure_ascii=False) if args.json else format_info(details))
+    if args.plots is not None:
+        from search import plots  # matplotlib: imported by this option only
+
+        figure = plots.ann_recall_of(read_manifest(args.index).indexes)
+        if figure is None:
+            print("no plot: every index of this one searches exactly (Flat)", file=sys.stderr)
+            return 0
+        try:
+            Path(args.plots).mkdir(parents=True, exist_ok=True)
+            path = plots.save(figure, Path(args.plots) / f"ann_recall.{args.plot_format}")
+        except OSError as exc:
+            raise EngineError(f"cannot write into {args.plots}: {exc.strerror or exc}") from None
+        print(f"wrote {path}", file=sys.stderr)
     return 0
 
 

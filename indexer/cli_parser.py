@@ -104,6 +104,9 @@ def make_parser() -> argparse.ArgumentParser:
     about = commands.add_parser("info", help="what an index holds")
     about.add_argument("--index", type=Path, required=True)
     about.add_argument("--json", action="store_true")
+    about.add_argument("--plots", type=Path, metavar="DIR",
+                       help="also write ann_recall.png: recall@10 of the approximate indexes at every build/update")
+    about.add_argument("--plot-format", choices=("png", "svg"), default="png", help="default: png")
 
     dump = commands.add_parser("export", help="write an index's vectors as an embedding folder in the LAION / "
                                               "clip-retrieval layout (img_emb/, text_emb/, metadata/)")

@@ -125,6 +125,22 @@ def ann_recall(points: Mapping[str, Sequence[tuple[float, float]]], target: floa
     return figure
 
 
+def recall_history(indexes: Mapping[str, Mapping]) -> dict[str, list[tuple[float, float]]]:
+    """Per approximate index kind of a manifest's `indexes`, its (share added since training, recall@10) points,
+    as indexer/ann_recall.py records them at every build and update; exact indexes have none."""
+    return {kind: [tuple(point) for point in entry["recall_history"]]
+            for kind, entry in indexes.items() if entry.get("recall_history")}
+
+
+def ann_recall_of(indexes: Mapping[str, Mapping]) -> Figure | None:
+    """`ann_recall` of a manifest's `indexes` (its target from them); None when every index is exact."""
+    history = recall_history(indexes)
+    if not history:
+        return None
+    targets = [entry["target_recall"] for entry in indexes.values() if entry.get("target_recall")]
+    return ann_recall(history, targets[0] if targets else None)
+
+
 def save(figure: Figure, path: Path | str) -> Path:
     """Write the figure as PNG or SVG, by the path's suffix; QueryError for another suffix."""
     path = Path(path)

@@ -2,7 +2,11 @@
 behind it, served as images (/plot/…) and shown on /eval when there is something to show."""
 import io
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -13,6 +17,7 @@ from web import create_app
 from .helpers import make_pairs, write_images, write_karpathy
 
 PAIRS = make_pairs(40, seed=8)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _png(response) -> Image.Image:
@@ -61,6 +66,12 @@ def test_ann_recall_plot_follows_updates_and_exact_indexes_have_none(tmp_path, t
                          "--out", str(tmp_path / "flat"), *common]) == 0
     flat = create_app(index=str(tmp_path / "flat")).test_client()
     assert flat.get("/plot/ann.png").status_code == 404 and b'id="ann-plot"' not in flat.get("/eval").data
+    for name, written in (("ivf", True), ("flat", False)):  # the same picture from the command line
+        done = subprocess.run([sys.executable, "-m", "indexer", "info", "--index", name, "--plots", f"plots-{name}"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert done.returncode == 0, done.stderr
+        assert (tmp_path / f"plots-{name}" / "ann_recall.png").is_file() == written, done.stderr
 
 
 def test_the_fine_tune_curve_of_the_model_is_shown_when_it_has_one(tmp_path, model_with_record, trained_model_dir):

@@ -31,7 +31,7 @@ from search.query_features import GROUPS, LABELS, LENGTH_KEYS, WORD_GROUPS, WORD
 from search.store import StoredIndex, open_index
 
 from .engine import EXTENSION_KEY, engine
-from .plot_pages import ann_history, training_record
+from .plot_pages import has_ann_plot, training_record
 
 eval_pages = Blueprint("eval", __name__, template_folder="templates")
 
@@ -124,7 +124,7 @@ def page():
                            direction_labels=DIRECTION_LABELS, lengths=[(k, LABELS[k]) for k in LENGTH_KEYS],
                            features=[(k, label, about) for k, label, about in WORD_GROUPS], fell=FELL,
                            page_rows=PAGE_ROWS,
-                           ann_plot=url_for("plots.ann_plot") if ann_history(manifest, index.path) else None,
+                           ann_plot=url_for("plots.ann_plot") if has_ann_plot(manifest) else None,
                            training_plot=url_for("plots.training_plot") if training_record(manifest) else None)
 
 

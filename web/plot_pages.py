@@ -14,7 +14,6 @@ from pathlib import Path
 from flask import Blueprint, abort, send_file
 
 from search.encoders import LOCAL_DIR_PREFIX
-from search.index_choice import ann_stats
 from search.manifest import Manifest
 from search.openclip import RUN_FILE
 
@@ -35,10 +34,9 @@ def training_record(manifest: Manifest) -> dict | None:
     return run if isinstance(run, dict) and run.get("history") else None
 
 
-def ann_history(manifest: Manifest, directory: Path) -> dict[str, list]:
-    """Per approximate index kind, its [share added, recall@10] measurements (empty for exact indexes)."""
-    return {kind: [tuple(p) for p in stats["recall_history"]]
-            for kind, stats in ann_stats(manifest, directory).items() if stats["recall_history"]}
+def has_ann_plot(manifest: Manifest) -> bool:
+    """Whether an index version has approximate indexes with recall measurements to plot."""
+    return any(entry.get("recall_history") for entry in manifest.indexes.values())
 
 
 def _png(figure) -> object:
@@ -51,14 +49,12 @@ def _png(figure) -> object:
 
 @plot_pages.get("/plot/ann.png")
 def ann_plot():
-    index = engine().searcher.index
-    history = ann_history(index.manifest, index.path)
-    if not history:
-        abort(404, "this index searches exactly (Flat): there is no approximate recall to plot")
     from search import plots
 
-    targets = [e.get("target_recall") for e in index.manifest.indexes.values() if e.get("target_recall")]
-    return _png(plots.ann_recall(history, targets[0] if targets else None))
+    figure = plots.ann_recall_of(engine().searcher.index.manifest.indexes)
+    if figure is None:
+        abort(404, "this index searches exactly (Flat): there is no approximate recall to plot")
+    return _png(figure)
 
 
 @plot_pages.get("/plot/training.png")
