@@ -242,8 +242,9 @@ def _change(record: dict) -> float:
 
 def _describe_row(row: dict) -> str:
     parts = []
-    if "val" in row:
-        parts.append(f"val {RetrievalRecall.from_json(row['val']).format(ks=(5,))}")
+    if "val" in row:  # R@5 to read, and the score that chooses (the sum of R@1/5/10 of both directions)
+        parts.append(f"val {RetrievalRecall.from_json(row['val']).format(ks=(5,))} (score "
+                     f"{epoch_score(row, 0):.1f})")
     if "guard" in row:
         parts.append(f"guard mean {row['guard']['mean']:.1f} ({_change(row):+.1f} points)")
     return "; ".join(parts)

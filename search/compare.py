@@ -86,7 +86,8 @@ class Comparison:
 
     def format(self) -> str:
         """The report a person reads."""
-        lines = [f"A: {self.labels[0]}", f"B: {self.labels[1]}",
+        named = [label if label[:3] in ("A: ", "B: ") else f"{side}: {label}" for side, label in zip("AB", self.labels)]
+        lines = [*named,
                  f"B − A with a {CONFIDENCE:.0%} paired-bootstrap interval ({self.n_boot} resamples of the queries, "
                  f"seed {self.seed})", f"{'':14}{'':6}{'A':>8}{'B':>8}{'B − A':>9}  interval"]
         for d in self.differences:

@@ -31,10 +31,17 @@ def evaluate(index: StoredIndex, ties: str = "clip_benchmark") -> RetrievalMetri
 CLIP_BENCHMARK_KS = (1, 5, 10)
 
 
+CLIP_BENCHMARK_NAMES = {"flickr8k": "flickr8k", "coco": "mscoco_captions"}  # our --format → its dataset name
+
+
 def dataset_name(index: StoredIndex) -> str:
-    """A dataset name for CLIP_benchmark's result JSON: the annotation file's stem without Karpathy's 'dataset_'
-    prefix (dataset_flickr30k.json → flickr30k), else the index directory's name."""
-    annotations = index.manifest.source.get("annotations")
+    """A dataset name for CLIP_benchmark's result JSON: its own name for Flickr8k's files ("flickr8k") and COCO
+    ("mscoco_captions"), the annotation file's stem without Karpathy's 'dataset_' prefix (dataset_flickr30k.json →
+    flickr30k), else the index directory's name."""
+    source = index.manifest.source
+    if source.get("format") in CLIP_BENCHMARK_NAMES:
+        return CLIP_BENCHMARK_NAMES[source["format"]]
+    annotations = source.get("annotations")
     if annotations:
         stem = Path(annotations).stem
         return stem[len("dataset_"):] if stem.startswith("dataset_") and len(stem) > len("dataset_") else stem

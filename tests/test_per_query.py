@@ -208,3 +208,17 @@ def test_eval_writes_the_recall_at_k_curves_it_computes(tmp_path, tiny_model_spe
     assert list(curve) == list(range(1, 51)) and curve[50] == 100.0 and curve == dict(sorted(curve.items()))
     assert all(a <= b for a, b in zip(list(curve.values()), list(curve.values())[1:]))
     assert str(Path("plots") / "recall_text_to_image.png") in done.stderr
+
+
+def test_clip_benchmark_json_names_flickr8k_as_clip_benchmark_does(tmp_path, tiny_model_spec):
+    import json
+    import subprocess
+    import sys
+
+    from .helpers import build_flickr8k_index
+
+    work = build_flickr8k_index(tmp_path, tiny_model_spec)
+    done = subprocess.run([sys.executable, "-m", "search", "eval", "--index", "index", "--format", "clip_benchmark"],
+                          cwd=work, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["dataset"] == "flickr8k"
