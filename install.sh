@@ -7,6 +7,9 @@ python -m pip install -q -r requirements.txt
 python -m pip install -q --no-deps -e .  # the console scripts retrieval-index, -search, -web (pins: above)
 # test oracle for `search eval`; --no-deps: its metrics need only torch, its other requirements are heavy
 python -m pip install -q --no-deps clip-benchmark==1.6.2
+# test oracle for the clip-retrieval compatible API (its ClipClient); --no-deps: its pins (torch, faiss,
+# pandas, flask_restful …) would fight ours, and the client needs only requests
+python -m pip install -q --no-deps clip-retrieval==2.45.0
 
 if command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ]; then
   echo "chromium: $(chromium --version 2>/dev/null || echo present)"

@@ -16,7 +16,6 @@ from search.errors import DatasetError, EngineError
 from search.index_choice import IndexOptions, parse_size
 from search.manifest import read_manifest
 from search.recall import RetrievalRecall
-from search.store import open_index
 
 # search.openclip and .finetune import torch (seconds): imported where used, so that --help and bad
 # arguments answer at once
@@ -124,25 +123,19 @@ def _build_from_embeddings(args: argparse.Namespace) -> int:
 
 @_one_writer("index", lock_if=Path.exists)  # a missing index: open_index says so
 def _update(args: argparse.Namespace) -> int:
-    previous = open_index(args.index)
-    manifest = previous.manifest
-    source = dict(manifest.source)
-    if source.get("format") == EMBEDDINGS:
-        raise DatasetError(f"{args.index} was built from the embedding folder {source.get('embeddings')}: build it "
-                           f"again from that folder (python -m indexer build --format embeddings ... --overwrite)")
-    images = Path(args.images or source.get("images") or ".")
-    samples = read_dataset(source["format"], source.get("annotations"), images, source.get("split"),
-                           source.get("include_hidden", False))
+    from .library import plan_update
+
+    plan = plan_update(args.index, args.images)
+    manifest = plan.previous.manifest
     encoder = create_encoder(manifest.encoder, args.runtime, device=args.device, batch_size=args.batch_size,
                              precision=manifest.precision)
-    previous.check_encoder(encoder)
+    plan.previous.check_encoder(encoder)
     on_disk = manifest.indexes.get("images", {}).get("on_disk")  # built on disk: updated on disk
     config = BuildConfig(batch_size=args.batch_size, workers=args.workers, max_megapixels=args.max_megapixels,
                          index=IndexOptions(target_recall=args.target_recall), overwrite=True,
                          resume=args.resume, progress=not args.quiet, fast_decode=manifest.fast_decode,
                          on_disk=_on_disk_options(args, None, None) if on_disk else None)
-    report = _run_build(args, samples, images, encoder, args.index, config,
-                        {**source, "images": str(images.resolve())}, Reuse(previous, images))
+    report = _run_build(args, plan.samples, plan.images, encoder, args.index, config, plan.source, plan.reuse)
     print(report.summary())
     return 0
 

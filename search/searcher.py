@@ -212,6 +212,23 @@ class Searcher:
         vectors = self.query_vectors(index, query) if query.mode != "keyword" else None
         return self._results(index, query, vectors)
 
+    def run_vector(self, vector: np.ndarray, query: Query, kind: str = "image") -> Results:
+        """`run` with a ready query vector (say, an embedding a client computed) in place of the query's terms, which
+        are then ignored: its target, page, filters, cutoff and dedupe apply. `kind` ("text" or "image") names the
+        calibration that judges the hits. QueryError for a vector of the wrong length or of length zero."""
+        index = self.index
+        vector = np.asarray(vector, np.float32).reshape(-1)
+        if vector.shape[0] != index.manifest.dim or not np.all(np.isfinite(vector)):
+            raise QueryError(f"the query vector must hold {index.manifest.dim} finite numbers (this index's model)")
+        if (norm := float(np.linalg.norm(vector))) < 1e-12:
+            raise QueryError("the query vector has length zero")
+        if query.target not in TARGETS:
+            raise QueryError(f"unknown target '{query.target}' (choose images or captions)")
+        check_paging(query.k, query.offset, self.config)
+        vector = vector / norm
+        calibration = f"{kind}_{'image' if query.target == 'images' else 'text'}"
+        return self._results(index, query, QueryVectors(vector, ((vector, calibration),), True))
+
     def query_vectors(self, index: StoredIndex, query: Query) -> QueryVectors:
         """The terms' vectors, combined (search/retrieval.py); image_id terms take the stored vector (no model)."""
         vectors = []

@@ -27,6 +27,7 @@ def create_app(config: WebConfig | dict | None = None, run_model: ModelRunner = 
     app.after_request(_security_headers)
 
     from .api import api
+    from .clip_retrieval_api import clip_retrieval_api
     from .eval_pages import eval_pages
     from .pages import pages
     from .plot_pages import plot_pages
@@ -35,6 +36,7 @@ def create_app(config: WebConfig | dict | None = None, run_model: ModelRunner = 
     app.register_blueprint(pages)
     app.register_blueprint(eval_pages)
     app.register_blueprint(plot_pages)
+    app.register_blueprint(clip_retrieval_api)  # /knn-service, /metadata, /indices-list as clip-retrieval's
     _register_error_handlers(app)
     return app
 

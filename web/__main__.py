@@ -32,7 +32,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = WebConfig(index=args.index, model=args.model, pretrained=args.pretrained, device=args.device,
                        precision=args.precision, runtime=args.runtime,
                        images=args.images, max_upload_mb=args.max_upload_mb, admin_token=args.admin_token,
-                       compare_index=args.compare_index)
+                       compare_index=args.compare_index, allow_image_urls=args.allow_image_urls)
     runner = MainThreadRunner()  # model calls run on this (the main) thread: see main_thread.py
     app = create_app(config, run_model=runner)
     if not _is_loopback_host(args.host) and app.extensions[EXTENSION_KEY].config.admin_token is None:
@@ -81,6 +81,9 @@ def make_parser() -> argparse.ArgumentParser:
                         help=f"token that POST /api/reload must carry (Authorization: Bearer TOKEN); default: "
                              f"${ADMIN_TOKEN_ENV}; without one, only loopback clients may reload")
     parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload (default: 20)")
+    parser.add_argument("--allow-image-urls", action="store_true",
+                        help="let POST /knn-service (the clip-retrieval API) fetch `image_url` queries from public "
+                             "addresses (never private, loopback or link-local ones); off by default")
     add_model_args(parser, default_from_index=True)
     return parser
 

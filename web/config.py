@@ -23,6 +23,7 @@ class WebConfig:
     runtime: str = "auto"  # search.encoders.RUNTIMES: onnx keeps torch out of the server process
     images: Path | None = None  # image root; default: the one recorded in the manifest at build time
     max_upload_mb: float = 20.0
+    allow_image_urls: bool = False  # POST /knn-service may fetch `image_url` (public addresses only)
     # query limits, decoding limit and text cache; its fields are also accepted flat by `from_mapping`
     search: SearchConfig = SearchConfig(max_k=WEB_MAX_K)
     thumbnail_size: int = 256

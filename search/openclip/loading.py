@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 from pathlib import Path
 from typing import Callable
 
@@ -21,17 +20,31 @@ from ..fingerprints import remember, remembered, weights_key
 from . import CONFIG_FILE
 from .encoder import OpenClipEncoder, weights_fingerprint
 
-HUB_HOST = "huggingface.co"
 WEIGHTS_PATTERNS = ("*.safetensors", "*.bin", "*.pth", "*.pt")  # what open_clip takes for weights in a local-dir
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    """True when the model hub answers a TCP connect; the hub client itself retries for ~50 s before giving up."""
-    try:
-        with socket.create_connection((HUB_HOST, 443), timeout=timeout):
-            return True
-    except OSError:
+    """True when the endpoint huggingface_hub downloads from answers (HF_ENDPOINT: a mirror, else huggingface.co),
+    asked through huggingface_hub's own HTTP client, so its proxy settings apply (HTTPS_PROXY, HTTP_PROXY, NO_PROXY):
+    a check that takes another road could block a download that would work. Any HTTP answer counts (a mirror may
+    answer 404 at its root); HF_HUB_OFFLINE means no. The hub client itself retries for ~50 s before giving up."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
         return False
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+        return True
+    except Exception:  # the client's connect, proxy, TLS and timeout errors (its HTTP library varies by version)
+        return False
+
+
+def hub_endpoint() -> str:
+    """Where downloads come from: HF_ENDPOINT, else huggingface.co."""
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
 
 
 @contextlib.contextmanager
@@ -174,7 +187,7 @@ def build(spec: EncoderSpec, device: str | None = None, batch_size: int = 64,
         download_failed = any(word in message for word in ("download", "hf hub", "connection", "offline"))
         if needs_hub and (offline or download_failed):
             raise ModelLoadError(
-                f"cannot download weights for {spec} (no connection to {HUB_HOST}); pass a local checkpoint with "
+                f"cannot download weights for {spec} (no connection to {hub_endpoint()}); pass a local checkpoint with "
                 f"--pretrained /path/to/weights.safetensors or a folder with --model {LOCAL_DIR_PREFIX}/path/to/folder"
             ) from None
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
