@@ -55,7 +55,11 @@ class Ranking:
 def term_kind(term: Term, target: str) -> str:
     """Which calibration judges a hit against one term: text→image, image→image or image→text
     (search/relevance.QUERY_KINDS; a text against captions, "text_text", is never calibrated)."""
-    source = "text" if term.text is not None else "image"
+    return calibration_kind("text" if term.text is not None else "image", target)
+
+
+def calibration_kind(source: str, target: str) -> str:
+    """The calibration kind of a `source` ("text" or "image") query against `target` ("images" or "captions")."""
     return f"{source}_{'image' if target == 'images' else 'text'}"
 
 

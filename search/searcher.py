@@ -18,7 +18,7 @@ from .encoders import Encoder, EncoderSpec, create_encoder
 from .errors import NotFoundError, QueryError
 from .images import DEFAULT_MAX_MEGAPIXELS, ImageSource, load_image
 from .query import Query, Term
-from .retrieval import Candidate, QueryVectors, query_vectors, rank
+from .retrieval import Candidate, QueryVectors, calibration_kind, query_vectors, rank
 from .store import StoredIndex, open_index
 
 TARGETS = ("images", "captions")
@@ -204,11 +204,9 @@ class Searcher:
         """A compound, filtered, cut, deduplicated search (search/query.py, search/retrieval.py), all read from one
         version of the index: `reopen` may swap in a new version meanwhile."""
         index = self.index
-        if query.target not in TARGETS:
-            raise QueryError(f"unknown target '{query.target}' (choose images or captions)")
+        self._check(query)
         for term in query.texts:
             checked_text(term.text, self.config)
-        check_paging(query.k, query.offset, self.config)
         vectors = self.query_vectors(index, query) if query.mode != "keyword" else None
         return self._results(index, query, vectors)
 
@@ -222,12 +220,16 @@ class Searcher:
             raise QueryError(f"the query vector must hold {index.manifest.dim} finite numbers (this index's model)")
         if (norm := float(np.linalg.norm(vector))) < 1e-12:
             raise QueryError("the query vector has length zero")
+        self._check(query)
+        vector = vector / norm
+        return self._results(index, query,
+                             QueryVectors(vector, ((vector, calibration_kind(kind, query.target)),), True))
+
+    def _check(self, query: Query) -> None:
+        """QueryError for an unknown target or a page outside the limits (before any model call)."""
         if query.target not in TARGETS:
             raise QueryError(f"unknown target '{query.target}' (choose images or captions)")
         check_paging(query.k, query.offset, self.config)
-        vector = vector / norm
-        calibration = f"{kind}_{'image' if query.target == 'images' else 'text'}"
-        return self._results(index, query, QueryVectors(vector, ((vector, calibration),), True))
 
     def query_vectors(self, index: StoredIndex, query: Query) -> QueryVectors:
         """The terms' vectors, combined (search/retrieval.py); image_id terms take the stored vector (no model)."""
