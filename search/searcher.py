@@ -204,9 +204,7 @@ class Searcher:
         """A compound, filtered, cut, deduplicated search (search/query.py, search/retrieval.py), all read from one
         version of the index: `reopen` may swap in a new version meanwhile."""
         index = self.index
-        self._check(query)
-        for term in query.texts:
-            checked_text(term.text, self.config)
+        self._check(query, query.texts)
         vectors = self.query_vectors(index, query) if query.mode != "keyword" else None
         return self._results(index, query, vectors)
 
@@ -225,10 +223,13 @@ class Searcher:
         return self._results(index, query,
                              QueryVectors(vector, ((vector, calibration_kind(kind, query.target)),), True))
 
-    def _check(self, query: Query) -> None:
-        """QueryError for an unknown target or a page outside the limits (before any model call)."""
+    def _check(self, query: Query, texts: list[Term] = ()) -> None:
+        """QueryError for an unknown target, a text term over the limits or a page outside them, in that order
+        (before any model call)."""
         if query.target not in TARGETS:
             raise QueryError(f"unknown target '{query.target}' (choose images or captions)")
+        for term in texts:
+            checked_text(term.text, self.config)
         check_paging(query.k, query.offset, self.config)
 
     def query_vectors(self, index: StoredIndex, query: Query) -> QueryVectors:
