@@ -141,3 +141,106 @@ def test_a_dead_mirror_fails_at_once_naming_it(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and done.stderr.startswith("error: ") and dead in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (IP SAN) and its key, made here: the client trusts it through SSL_CERT_FILE."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = folder / "mirror.pem", folder / "mirror.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+class _ConnectProxy(http.server.BaseHTTPRequestHandler):
+    """An HTTPS proxy as corporate networks run them: CONNECT host:port, then bytes both ways (it never sees inside
+    the TLS). It records every tunnel it opened."""
+
+    tunnels: list = []
+
+    def do_CONNECT(self):
+        import select
+
+        host, port = self.path.rsplit(":", 1)
+        upstream = socket.create_connection((host, int(port)), timeout=30)
+        _ConnectProxy.tunnels.append(self.path)
+        self.send_response(200, "Connection established")
+        self.end_headers()
+        ends = [self.connection, upstream]
+        try:
+            while True:
+                ready, _, _ = select.select(ends, [], [], 30)
+                if not ready:
+                    return
+                for end in ready:
+                    data = end.recv(65536)
+                    if not data:
+                        return
+                    (upstream if end is self.connection else self.connection).sendall(data)
+        finally:
+            upstream.close()
+
+    def log_message(self, *args):
+        pass
+
+
+def _serve(server) -> str:
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"127.0.0.1:{server.server_address[1]}"
+
+
+def test_a_model_downloads_from_an_https_mirror_through_an_https_proxy(tiny_model_dir, tmp_path):
+    """HTTPS_PROXY exercised by a real download: the mirror speaks TLS only, the client reaches it only through a
+    CONNECT proxy, and the build still fetches every file and indexes (the reachability check takes the same road)."""
+    import ssl
+
+    from .helpers import make_pairs, write_images
+
+    cert, key = _self_signed(tmp_path)
+    _Hub.files = {f"test-org/tiny/{f.name}": f.read_bytes() for f in Path(tiny_model_dir).iterdir() if f.is_file()}
+    _Hub.asked, _ConnectProxy.tunnels = [], []
+    mirror = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hub)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    mirror.socket = context.wrap_socket(mirror.socket, server_side=True)
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ConnectProxy)
+    mirror_at, proxy_at = _serve(mirror), _serve(proxy)
+    try:
+        write_images(tmp_path / "photos", make_pairs(4, seed=3))
+        clean = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY") and k != "HF_HUB_OFFLINE"}
+        env = {**clean, "PYTHONPATH": str(ROOT), "HF_ENDPOINT": f"https://{mirror_at}", "HF_HOME": str(tmp_path / "hf"),
+               "HTTPS_PROXY": f"http://{proxy_at}", "SSL_CERT_FILE": str(cert)}
+        done = subprocess.run([sys.executable, "-m", "indexer", "build", "--format", "folder", "--images", "photos",
+                               "--out", "index", "--model", "hf-hub:test-org/tiny", "--runtime", "torch", "--quiet"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        assert _ConnectProxy.tunnels and set(_ConnectProxy.tunnels) == {mirror_at}  # every request took the proxy
+        fetched = {path.rsplit("/", 1)[-1] for method, path in _Hub.asked if method == "GET"}
+        assert fetched == {name.rsplit("/", 1)[-1] for name in _Hub.files}
+
+        dead_proxy = f"http://127.0.0.1:{closed_port()}"  # the same mirror behind a proxy that is down: no download
+        done = subprocess.run([sys.executable, "-m", "indexer", "build", "--format", "folder", "--images", "photos",
+                               "--out", "index2", "--model", "hf-hub:test-org/other", "--quiet"], cwd=tmp_path,
+                              env={**env, "HTTPS_PROXY": dead_proxy}, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 1 and mirror_at in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+    finally:
+        mirror.shutdown()
+        proxy.shutdown()
