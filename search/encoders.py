@@ -9,7 +9,7 @@ import abc
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -131,7 +131,7 @@ LOADERS: dict[str, Callable[..., Encoder]] = {"open_clip": _load_open_clip, "onn
 RUNTIMES = ("auto", "torch", "onnx")  # torch = the spec's own family; auto = onnx on the CPU when it can be made
 
 
-def create_encoder(spec: EncoderSpec, runtime: str = "auto", **options) -> Encoder:
+def create_encoder(spec: EncoderSpec, runtime: str = "auto", **options: Any) -> Encoder:
     """Build the encoder a spec names, on `runtime`. Raises ModelLoadError with a one-line reason on any failure.
 
     auto: ONNX Runtime on the CPU when the model is exported (or can be, once: a few seconds), else torch; a model

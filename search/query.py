@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
+from typing import Any
 
 from .errors import QueryError
 from .images import ImageSource
@@ -173,7 +174,7 @@ class Query:
         return replace(self, k=k, offset=offset)
 
     @classmethod
-    def from_json(cls, data, max_terms: int = MAX_TERMS) -> "Query":
+    def from_json(cls, data: Any, max_terms: int = MAX_TERMS) -> "Query":
         """From the body of `POST /api/search`:
         {"terms": [{"text": "a dog", "weight": 1}, {"image_id": 12, "weight": 0.5}, {"image": "<base64>"}],
          "target": "images", "k": 20, "offset": 0, "cutoff": "auto", "filters": {...}, "mode": "vector",

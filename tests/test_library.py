@@ -1,5 +1,6 @@
 """The library API as README.md shows it: its Python example run as a script from another directory (with the tiny
 model in place of ViT-B-32, which cannot be downloaded here), the public names, and imports that stay light."""
+import inspect
 import re
 import subprocess
 import sys
@@ -40,3 +41,30 @@ def test_public_names_resolve_lazily_and_imports_stay_light():
                            "print(sorted(m for m in ('faiss', 'numpy', 'torch', 'sqlite3') if m in sys.modules))"],
                           capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def _unannotated(function, owner: str) -> list[str]:
+    signature = inspect.signature(function)
+    missing = [p.name for p in signature.parameters.values()
+               if p.name not in ("self", "cls") and p.annotation is inspect.Parameter.empty]
+    if signature.return_annotation is inspect.Signature.empty and function.__name__ != "__init__":
+        missing.append("return")
+    return [f"{owner}.{function.__name__}: {name}" for name in missing]
+
+
+def test_the_public_api_is_fully_annotated():
+    """Every public function, and every public method of a public class, annotates each parameter and its return."""
+    gaps = []
+    for package in (search, indexer):
+        for name in package.__all__:
+            public = getattr(package, name)
+            if inspect.isfunction(public):
+                gaps += _unannotated(public, package.__name__)
+            elif inspect.isclass(public) and not issubclass(public, Exception):
+                for attr, member in vars(public).items():
+                    if attr.startswith("_") and attr != "__init__":
+                        continue
+                    function = member.fget if isinstance(member, property) else getattr(member, "__func__", member)
+                    if inspect.isfunction(function):
+                        gaps += _unannotated(function, f"{package.__name__}.{name}")
+    assert gaps == []
