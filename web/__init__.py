@@ -1,4 +1,5 @@
-"""Flask web UI and JSON API over one index: `create_app(config)` loads the index and model once."""
+"""Flask web UI and JSON API over one index or several: `create_app(config)` loads the indexes and each distinct
+model once."""
 from __future__ import annotations
 
 from flask import Flask, jsonify, request
@@ -15,7 +16,8 @@ __all__ = ["EXTENSION_KEY", "WebConfig", "create_app"]
 
 def create_app(config: WebConfig | dict | None = None, run_model: ModelRunner = run_inline, **settings) -> Flask:
     """App factory. `config` is a WebConfig or a dict of its fields; keyword settings work too, so a WSGI server can
-    call `web:create_app(index="indexes/photos")`. `run_model` makes the model calls (see Searcher)."""
+    call `web:create_app(index="indexes/photos")` or `web:create_app(indexes={"a": "idx/a", "b": "idx/b"})` (the first
+    the default). `run_model` makes the model calls (see Searcher)."""
     if not isinstance(config, WebConfig):
         config = WebConfig.from_mapping({**(config or {}), **settings})
     config = config.resolved()

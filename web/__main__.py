@@ -1,5 +1,5 @@
-"""`python -m web --index INDEX [--host 127.0.0.1] [--port 8000]` or `python -m web --demo`: serve the search page
-and API."""
+"""`python -m web --index [NAME=]INDEX [--index NAME2=INDEX2 ...] [--indices-paths FILE.json] [--host 127.0.0.1]
+[--port 8000]` or `python -m web --demo`: serve the search page and API over one index or several."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +7,7 @@ import ipaddress
 import logging
 import sys
 import threading
+from pathlib import Path
 
 from search.cli_common import CliParser, add_model_args, run_cli
 from search.errors import IndexFormatError
@@ -14,7 +15,7 @@ from search.errors import IndexFormatError
 from werkzeug.serving import make_server
 
 from . import EXTENSION_KEY, create_app
-from .config import ADMIN_TOKEN_ENV, WebConfig
+from .config import ADMIN_TOKEN_ENV, WebConfig, read_indices_paths
 from .main_thread import MainThreadRunner
 
 
@@ -24,12 +25,16 @@ def _serve(args: argparse.Namespace) -> int:
 
         result = prepare_demo(args.demo_dir, SCALES[args.demo_scale], retrain=args.retrain)
         print(summary(result), flush=True)
-        args.index = result.index
+        args.index = [str(result.index)]
         if args.prepare_only:
             return 0
-    elif args.index is None:
-        raise IndexFormatError("give --index INDEX, or --demo for the offline demo")
-    config = WebConfig(index=args.index, model=args.model, pretrained=args.pretrained, device=args.device,
+    indexes = [named_index(value) for value in args.index or ()]
+    if args.indices_paths:
+        indexes.extend(read_indices_paths(args.indices_paths))
+    if not indexes:
+        raise IndexFormatError("give --index INDEX, or --demo for the offline demo (several indexes: --index "
+                               "NAME=INDEX repeated, or --indices-paths FILE.json)")
+    config = WebConfig(indexes=tuple(indexes), model=args.model, pretrained=args.pretrained, device=args.device,
                        precision=args.precision, runtime=args.runtime,
                        images=args.images, max_upload_mb=args.max_upload_mb, admin_token=args.admin_token,
                        compare_index=args.compare_index, allow_image_urls=args.allow_image_urls)
@@ -40,7 +45,8 @@ def _serve(args: argparse.Namespace) -> int:
             "listening on %s without an admin token: POST /api/reload is refused to every client not on this "
             "machine; set --admin-token or %s to allow it", args.host, ADMIN_TOKEN_ENV)
     server = make_server(args.host, args.port, app, threaded=True)
-    logging.getLogger("web").info("serving %s on http://%s:%d", args.index, args.host, args.port)
+    served = ", ".join(f"{name}={path}" for name, path in app.extensions[EXTENSION_KEY].config.indexes)
+    logging.getLogger("web").info("serving %s on http://%s:%d", served, args.host, args.port)
     serving = threading.Thread(target=server.serve_forever, name="http", daemon=True)
     serving.start()
     try:
@@ -48,6 +54,15 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         server.shutdown()
     return 0
+
+
+def named_index(value: str) -> tuple[str, Path]:
+    """`--index NAME=PATH`, or a bare `--index PATH` named after its directory (as is a path that exists with an `=`
+    in it)."""
+    name, equals, path = value.partition("=")
+    if equals and name and path and "/" not in name and not Path(value).exists():
+        return name, Path(path)
+    return Path(value).expanduser().resolve().name, Path(value)
 
 
 def _is_loopback_host(host: str) -> bool:
@@ -59,10 +74,16 @@ def _is_loopback_host(host: str) -> bool:
 
 def make_parser() -> argparse.ArgumentParser:
     parser = CliParser(prog="python -m web", description="Serve the search UI and JSON API.")
-    parser.add_argument("--index", help="index directory")
+    parser.add_argument("--index", action="append", metavar="[NAME=]INDEX",
+                        help="index directory; repeat as NAME=INDEX to serve several at once (the first is the "
+                             "default; a bare INDEX is named after its directory); one model load per distinct model")
+    parser.add_argument("--indices-paths", metavar="FILE.json",
+                        help='more indexes from a clip-retrieval indices_paths.json: {"NAME": "INDEX", ...} or '
+                             '{"NAME": {"indice_folder": "INDEX"}, ...}, relative paths from the current directory')
     parser.add_argument("--compare-index", metavar="INDEX_B",
                         help="a second index of the same dataset (another model, precision, fine-tune or index type): "
-                             "the /eval page compares it with --index, recall B − A with a 95%% interval")
+                             "the /eval page compares it with --index (the default one), recall B − A with a 95%% "
+                             "interval")
     demo = parser.add_argument_group("offline demo")
     demo.add_argument("--demo", action="store_true",
                       help="generate a scene dataset, train a small CLIP on it, index its test split and serve it "

@@ -7,6 +7,10 @@ GET  /api/search/similar?id=ID&k=10&offset=0      "more like this": an indexed i
 GET  /api/images/ID                               metadata and captions of one image
 GET  /api/health
 GET  /api/stats                                   the indexes in use: type, size, recall@10 against exact search
+GET  /api/indexes                                 the served indexes: name, model, counts, which is the default
+
+Every call takes `index=NAME` (query string; in POST /api/search's JSON body too) to ask a server with several indexes
+for one of them (404 for an unknown name); without it, the default (the first) answers.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from search.index_choice import ann_stats
 from search.query import Query, Term
 from search.searcher import TARGETS, Hit, Results
 
-from .engine import engine, image_or_404
+from .engine import INDEX_ARG, engine, image_or_404
 
 api = Blueprint("api", __name__, url_prefix="/api")
 
@@ -78,7 +82,8 @@ def search_compound():
     body = request.get_json(silent=True)
     if body is None:
         raise BadRequest("send a JSON object (Content-Type: application/json)")
-    query = Query.from_json(body)
+    query = Query.from_json({key: value for key, value in body.items() if key != INDEX_ARG}
+                            if isinstance(body, dict) else body)  # `index` chose the searcher (engine.py)
     return _respond_results(query.label, started, engine().searcher.run(query))
 
 
@@ -161,3 +166,16 @@ def stats():
     manifest = index.manifest
     return jsonify(images=manifest.n_images, captions=manifest.n_captions, model=str(manifest.encoder),
                    created=manifest.created, indexes=ann_stats(manifest, index.path))
+
+
+@api.get("/indexes")
+def indexes():
+    """The served indexes in order (the first is the default, the one a request naming none gets)."""
+    state = engine()
+    answer = []
+    for served in state.indexes.values():
+        served.reload_if_changed()
+        manifest = served.searcher.index.manifest
+        answer.append({"name": served.name, "model": str(manifest.encoder), "images": manifest.n_images,
+                       "captions": manifest.n_captions, "default": served is state.default})
+    return jsonify(answer)

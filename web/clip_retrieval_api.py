@@ -5,7 +5,8 @@ POST /knn-service  {"text" | "image" (base64) | "image_url" | "embedding_input",
                     "num_images", "num_result_ids", "indice_name", "deduplicate", ...}
                    → [{"id", "similarity", "url", "image_path", "caption", "captions"}, ...]
 POST /metadata     {"indice_name", "ids"} → [{"id", "metadata": {"url", "image_path", "caption", ...}}, ...]
-GET  /indices-list → ["NAME"]   (NAME: the index directory's name)
+GET  /indices-list → ["NAME", ...]   (the served indexes' names, the default first: a one-index server names its
+                                     index after its directory)
 
 Differences: "id" is our image id (with modality "text", the image of the matched caption; "caption_id" says which);
 "url" is this server's /image/ID; no base64 "image" field (fetch "url"); safety, violence, aesthetic and mclip
@@ -38,10 +39,6 @@ IGNORED_FIELDS = ("use_mclip", "use_safety_model", "use_violence_detector", "aes
 QUERY_FIELDS = ("text", "image", "image_url", "embedding_input")
 
 
-def index_name() -> str:
-    return engine().config.index.name
-
-
 @clip_retrieval_api.after_request
 def _cors(response):
     """clip-back answers every origin (flask_cors' CORS(app)): browser front ends on other hosts call it."""
@@ -71,9 +68,12 @@ def _body() -> dict:
 
 
 def _check_index(body: dict) -> None:
+    """`indice_name` chooses the index (none: the default, as clip-back takes its first); 400 for an unknown one."""
     name = body.get("indice_name")
-    if name is not None and name != index_name():
-        raise BadRequest(f"unknown indice_name {name!r} (this server has {index_name()!r})")
+    names = engine().indexes
+    if name is not None and (not isinstance(name, str) or name not in names):
+        raise BadRequest(f"unknown indice_name {name!r} (this server has {', '.join(map(repr, names))})")
+    engine().select(name)
 
 
 def _count(body: dict, name: str, default: int) -> int:
@@ -189,5 +189,5 @@ def metadata():
 
 @clip_retrieval_api.get("/indices-list")
 def indices_list():
-    return jsonify([index_name()])
+    return jsonify(list(engine().indexes))
 

@@ -1,5 +1,5 @@
 """HTML pages and image files: `/`, `/duplicates?tier=near`, `/thumb/ID` (cached JPEG) and `/image/ID` (the
-original), served by catalog id."""
+original), served by catalog id; each takes `?index=NAME` on a server with several indexes (engine.py)."""
 from __future__ import annotations
 
 import logging
@@ -39,7 +39,7 @@ def home():
     calibrated = "text_image" in (manifest.relevance or {}).get("maps", {})
     return render_template("index.html", n_images=manifest.n_images, n_captions=manifest.n_captions,
                            model=str(manifest.encoder), max_upload_mb=engine().config.max_upload_mb,
-                           calibrated=calibrated)
+                           calibrated=calibrated, indexes=list(engine().indexes), index_name=engine().current().name)
 
 
 MAX_GROUPS_SHOWN = 200  # a page of thumbnails, not the whole listing (the CLI's --json has every group)

@@ -11,6 +11,13 @@ const WORD = /[\p{L}\p{N}]+/gu;  // a word as the catalog's tokenizer cuts them:
 const maxUploadBytes = parseFloat(document.body.dataset.maxUploadMb) * 1024 * 1024;
 const $ = (id) => document.getElementById(id);
 const results = $("results"), statusLine = $("status"), moreButton = $("more"), viewer = $("viewer");
+// A server with several indexes: the page's index (?index=NAME) goes with every request; none asks for the default.
+const opened = new URLSearchParams(window.location.search);
+const indexName = opened.get("index") || "";
+const api = (path, params = {}) => {
+  const query = new URLSearchParams(indexName ? {...params, index: indexName} : params).toString();
+  return query ? `${path}?${query}` : path;
+};
 // kind "compound": {terms, options, words, label}; "image": {file, target}; "similar": {id}; all: offset, label
 let current = null;
 const added = [];  // what the user added to the text: {kind: "image", name, data, url} or {kind: "without", text}
@@ -32,7 +39,7 @@ function indexStatsLine(kind, s) {
   if (added) parts.push(`${Math.round(100 * added)}% added since training`);
   return parts.join(" · ");
 }
-fetch("/api/stats").then((r) => (r.ok ? r.json() : null)).then((stats) => {
+fetch(api("/api/stats")).then((r) => (r.ok ? r.json() : null)).then((stats) => {
   for (const [kind, s] of Object.entries(stats?.indexes || {})) {
     if (!s.vectors) continue;
     const line = document.createElement("p");
@@ -40,7 +47,7 @@ fetch("/api/stats").then((r) => (r.ok ? r.json() : null)).then((stats) => {
     line.textContent = indexStatsLine(kind, s);
     if ((s.recall_history || []).length) {  // an approximate index: its recall over updates, as a picture
       const plot = document.createElement("a");
-      plot.href = "/plot/ann.png";
+      plot.href = api("/plot/ann.png");
       plot.textContent = "recall plot";
       line.append(" · ", plot);
     }
@@ -51,18 +58,19 @@ fetch("/api/stats").then((r) => (r.ok ? r.json() : null)).then((stats) => {
 function request(query) {
   const k = PAGE_SIZE, offset = query.offset;
   if (query.kind === "compound") {
+    const index = indexName ? {index: indexName} : {};
     return fetch("/api/search", {method: "POST", headers: {"Content-Type": "application/json"},
-                                 body: JSON.stringify({terms: query.terms, k, offset, ...query.options})});
+                                 body: JSON.stringify({terms: query.terms, k, offset, ...query.options, ...index})});
   }
   if (query.kind === "similar") {
-    return fetch(`/api/search/similar?${new URLSearchParams({id: query.id, k, offset})}`);
+    return fetch(api("/api/search/similar", {id: query.id, k, offset}));
   }
   const form = new FormData();
   form.append("image", query.file);
   form.append("target", query.target);
   form.append("k", k);
   form.append("offset", offset);
-  return fetch("/api/search/image", {method: "POST", body: form});
+  return fetch(api("/api/search/image"), {method: "POST", body: form});
 }
 
 // The query image stays visible above its results; text queries hide it.
@@ -208,7 +216,7 @@ function imageCard(hit, words = [], notRelevant = false) {
 const captionCard = (hit) => card(hit, hit.caption, "card caption-hit");
 
 async function openViewer(id) {
-  const response = await fetch(`/api/images/${id}`);
+  const response = await fetch(api(`/api/images/${id}`));
   const info = await response.json();
   if (!response.ok) { setStatus(`Error: ${info.error}`, true); return; }
   $("viewer-image").src = info.url;
@@ -380,9 +388,19 @@ document.addEventListener("paste", (event) => {
   const item = [...event.clipboardData.items].find((i) => i.type.startsWith("image/"));
   if (item) searchImage(item.getAsFile());
 });
+// The index picker (several indexes): the page of the chosen index, running the text query on screen there.
+const picker = $("index-picker");
+if (picker) {
+  picker.addEventListener("change", () => {
+    const params = new URLSearchParams({index: picker.value});
+    const q = $("q").value.trim();
+    if (q) params.set("q", q);
+    if (!$("only-relevant").checked) params.set("cutoff", "none");
+    window.location.assign(`/?${params}`);
+  });
+}
 // /?q=TEXT runs that text query on load (the evaluation page's rows link here); cutoff=none starts with "only
 // relevant" off, so that the whole ranking shows
-const opened = new URLSearchParams(window.location.search);
 if (opened.get("cutoff") === "none") $("only-relevant").checked = false;
 if ((opened.get("q") || "").trim()) {
   $("q").value = opened.get("q").trim();

@@ -8,6 +8,7 @@ const DIRECTIONS = {text_to_image: "text→image", image_to_text: "image→text"
 const percent = (value) => (value === null || value === undefined ? "–" : value.toFixed(2));
 let offset = 0;
 let shown = null;  // the request whose rows are on screen (a newer one replaces it)
+const indexName = new URLSearchParams(window.location.search).get("index");  // a server with several indexes
 
 function element(tag, className, text) {
   const node = document.createElement(tag);
@@ -185,6 +186,7 @@ function filters() {
     if ($("length").value) params.length = $("length").value;
     if ($("feature").value) params.feature = $("feature").value;
   }
+  if (indexName) params.index = indexName;
   return new URLSearchParams(params);
 }
 
@@ -213,7 +215,8 @@ async function loadFailures() {
 
 async function loadSummary() {
   try {
-    const summary = await getJson("/api/eval/summary");
+    const summary = await getJson(indexName ? `/api/eval/summary?${new URLSearchParams({index: indexName})}`
+                                            : "/api/eval/summary");
     showRecall(summary);
     if (summary.compare) showComparison(summary.compare);
     setStatus($("status"), `${summary.index} · ${summary.n_queries.text_to_image} captions and ` +
