@@ -1,4 +1,5 @@
-"""`python -m search query|eval|compare`: search an index from the command line, measure its recall@k, compare two."""
+"""`python -m search query|eval|compare|models`: search an index from the command line, measure its recall@k, compare
+two, list the recommended models."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +16,7 @@ from .atomic import write_atomic
 from .compare import compare
 from .evaluation import clip_benchmark_result, evaluate
 from .metrics import TIES
+from .model_catalog import LANGUAGES, format_table, load_speeds, models, to_json
 from .per_query import per_query
 from .query import MODES, SORTS, Filters, Query, Term, parse_date
 from .searcher import TARGETS, SearchConfig, Searcher, check_paging, checked_text
@@ -134,6 +136,13 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models(args: argparse.Namespace) -> int:
+    entries, speeds = models(args.language), load_speeds()
+    print(json.dumps(to_json(entries, speeds), indent=2, ensure_ascii=False) if args.json
+          else format_table(entries, speeds))
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = CliParser(prog="python -m search", description="Search an index; measure recall@k.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -203,6 +212,13 @@ def make_parser() -> argparse.ArgumentParser:
     comparing.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
     comparing.add_argument("--ties", choices=TIES, default="clip_benchmark", help="as for eval")
     comparing.set_defaults(func=_compare)
+
+    listing = commands.add_parser("models", help="recommended models: published recall, CPU speed measured here, and "
+                                                 "the --model/--pretrained to pass")
+    listing.add_argument("--language", choices=LANGUAGES, help="only models that read queries in this language "
+                                                               "(en: all of them; multilingual)")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(func=_models)
     return parser
 
 
