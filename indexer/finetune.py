@@ -173,8 +173,8 @@ class Trainer:
     def step(self, pixels: torch.Tensor, tokens: torch.Tensor) -> float:
         self.optimizer.zero_grad(set_to_none=True)
         if self.config.accum_steps == 1:
-            image_f, text_f, scale = self._forward(pixels, tokens)
-            loss = self.loss_fn(image_f, text_f, scale)
+            image_f, text_f, *scale = self._forward(pixels, tokens)  # scale: [logit scale] (+ SigLIP's logit bias)
+            loss = self.loss_fn(image_f, text_f, *scale)
             self._backward(loss)
             value = float(loss.detach())
         else:  # features of every micro-batch without grad, then each micro-batch again with grad against them all
@@ -183,11 +183,11 @@ class Trainer:
                 cached = [self._forward(p, t)[:2] for p, t in chunks]
             value = 0.0
             for j, (p, t) in enumerate(chunks):
-                image_j, text_j, scale = self._forward(p, t)
-                scale = scale if j == 0 else scale.detach()  # the temperature's gradient counted once, not per chunk
+                image_j, text_j, *scale = self._forward(p, t)
+                scale = scale if j == 0 else [s.detach() for s in scale]  # their gradient counted once, not per chunk
                 images = torch.cat([image_j if i == j else c[0] for i, c in enumerate(cached)])
                 texts = torch.cat([text_j if i == j else c[1] for i, c in enumerate(cached)])
-                loss = self.loss_fn(images, texts, scale)
+                loss = self.loss_fn(images, texts, *scale)
                 self._backward(loss)
                 value = float(loss.detach())
         if self.scaler:

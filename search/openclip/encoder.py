@@ -71,6 +71,8 @@ class _TorchPreprocess:
 
 
 class OpenClipEncoder(Encoder):
+    reparameterized = False  # train-time branches fused for inference (loading.build: MobileCLIP2)
+
     def __init__(self, spec: EncoderSpec, model, preprocess, tokenizer, device: torch.device, batch_size: int = 64,
                  precision: str = "fp32", dim: int | None = None):
         self.spec = spec

@@ -123,7 +123,13 @@ def export_model(spec: EncoderSpec) -> Export:
                        recipe.to_json() if recipe else {}, {}, any_length, problem)
     try:
         if problem is None:
-            described = _export_towers(tmp, encoder, recipe, described)
+            try:
+                described = _export_towers(tmp, encoder, recipe, described)
+            except MemoryError:  # this machine, not the model: not remembered
+                raise
+            except Exception as exc:  # an architecture the exporter cannot trace: remembered, auto then runs torch
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                described = dataclasses.replace(described, unsupported=f"torch's ONNX exporter failed: {reason}")
         dataclasses.replace(described, folder=tmp).write()
         if any(tuple(file_identity(f) or ()) != s for f, s in zip(files, sources)):
             raise ModelLoadError(f"the weights files of {spec} changed while they were exported; try again")

@@ -7,6 +7,7 @@ weights) and `hf-hub:ORG/REPO`. Every failure becomes a one-line ModelLoadError.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 from typing import Callable
@@ -17,7 +18,7 @@ import torch
 from ..encoders import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, PRECISIONS, EncoderSpec
 from ..errors import ModelLoadError
 from ..fingerprints import remember, remembered, weights_key
-from . import CONFIG_FILE
+from . import CONFIG_FILE, HF_CONFIG_FILE, HF_CONFIG_KEY
 from .encoder import OpenClipEncoder, weights_fingerprint
 
 WEIGHTS_PATTERNS = ("*.safetensors", "*.bin", "*.pth", "*.pt")  # what open_clip takes for weights in a local-dir
@@ -166,9 +167,38 @@ def _apply_precision(model: torch.nn.Module, precision: str, device: torch.devic
     return model
 
 
+def _local_text_tower(spec: EncoderSpec) -> dict:
+    """open_clip model overrides for a local-dir whose Hugging Face text tower config is saved in the folder
+    (local_dir.py writes it and names it under HF_CONFIG_KEY): the tower is built from that file, not from the hub
+    name or path the model config names (which may be offline, or a folder since moved), and not from pretrained
+    weights (the folder holds them all)."""
+    folder = local_folder(spec)
+    if folder is None:
+        return {}
+    config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    text_cfg = config.get("model_cfg", {}).get("text_cfg", {})
+    if config.get(HF_CONFIG_KEY) != HF_CONFIG_FILE or not text_cfg.get("hf_model_name"):
+        return {}
+    return {"text_cfg": {**text_cfg, "hf_model_name": str(folder), "hf_model_pretrained": False}}
+
+
+def reparameterizable(model: torch.nn.Module) -> bool:
+    """Whether the model has train-time branches to fuse for inference (MobileCLIP2's FastViT: timm's convention)."""
+    return any(callable(getattr(module, "reparameterize", None)) for module in model.modules())
+
+
+def reparameterized(model: torch.nn.Module) -> torch.nn.Module:
+    """The model with its train-time branches fused (timm's reparameterize_model, which MobileCLIP2's model card
+    applies before inference): the same function, computed faster. In place."""
+    from timm.utils import reparameterize_model
+
+    return reparameterize_model(model.eval(), inplace=True)
+
+
 def build(spec: EncoderSpec, device: str | None = None, batch_size: int = 64,
-          precision: str = "fp32") -> tuple[OpenClipEncoder, Callable]:
-    """The encoder a spec names and open_clip's training transform for it (random resized crop)."""
+          precision: str = "fp32", for_training: bool = False) -> tuple[OpenClipEncoder, Callable]:
+    """The encoder a spec names and open_clip's training transform for it (random resized crop). For inference
+    (not `for_training`) a reparameterisable model (MobileCLIP2) is reparameterised; training needs the branches."""
     if precision not in PRECISIONS:
         raise ModelLoadError(f"unknown precision '{precision}' (choose {', '.join(PRECISIONS)})")
 
@@ -179,8 +209,8 @@ def build(spec: EncoderSpec, device: str | None = None, batch_size: int = 64,
     key = cache_key(spec)  # before and after loading: weights files that change meanwhile are not remembered
     try:
         with _hub_offline_if_unreachable(needs_hub) as offline:
-            model, train_preprocess, preprocess = open_clip.create_model_and_transforms(spec.model,
-                                                                                        pretrained=pretrained)
+            model, train_preprocess, preprocess = open_clip.create_model_and_transforms(
+                spec.model, pretrained=pretrained, **_local_text_tower(spec))
             tokenizer = open_clip.get_tokenizer(spec.model)
     except Exception as exc:  # open_clip raises RuntimeError/ValueError/OSError/HF errors alike
         message = str(exc).lower()
@@ -196,11 +226,15 @@ def build(spec: EncoderSpec, device: str | None = None, batch_size: int = 64,
         key = None
     known = remembered(key)  # what earlier loads of these very files measured
     target = _pick_device(device)
-    fingerprint = None  # of the weights as published, so before any quantisation
-    if precision != "fp32":
+    fingerprint = None  # of the weights as published, so before any reparameterisation or quantisation
+    reparameterize = not for_training and reparameterizable(model)
+    if precision != "fp32" or reparameterize:
         fingerprint = known.get("fingerprint") or weights_fingerprint(model)
+    if reparameterize:
+        model = reparameterized(model)
     model = _apply_precision(model.to(target), precision, target)
     encoder = OpenClipEncoder(spec, model, preprocess, tokenizer, target, batch_size, precision, known.get("dim"))
+    encoder.reparameterized = reparameterize
     if fingerprint is not None:
         encoder.fingerprint_is(fingerprint)
     elif key is not None:

@@ -31,8 +31,8 @@ class ClipTask:
 
     @classmethod
     def load(cls, spec: EncoderSpec, device: str | None = None) -> "ClipTask":
-        """The model `spec` names (fp32), ready to train; ModelLoadError as for inference."""
-        return cls(*build(spec, device))
+        """The model `spec` names (fp32, not reparameterised), ready to train; ModelLoadError as for inference."""
+        return cls(*build(spec, device, for_training=True))
 
     @property
     def spec(self) -> EncoderSpec:
@@ -55,19 +55,28 @@ class ClipTask:
     def eval(self) -> None:
         self._model.eval()
 
-    def forward_features(self, pixels: torch.Tensor, tokens: torch.Tensor):
-        """Differentiable (image features, text features, logit scale), features normalised, as the loss takes."""
+    def forward_features(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple:
+        """Differentiable (image features, text features, logit scale[, logit bias]), features normalised: the
+        arguments `contrastive_loss()` takes; the bias only for a model that has one (SigLIP's sigmoid loss).
+        CoCa's captioning logits are not used: it is fine-tuned with its contrastive loss only."""
         self.encoder.weights_changed()  # weights are about to change
         out = self._model(pixels.to(self.device), tokens.to(self.device))
         if isinstance(out, dict):
-            return out["image_features"], out["text_features"], out["logit_scale"]
-        return out[0], out[1], out[2]
+            features = out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias")
+        else:
+            features = out[0], out[1], out[2], out[3] if len(out) > 3 else None
+        return features if self.uses_logit_bias() else features[:3]
+
+    def uses_logit_bias(self) -> bool:
+        """SigLIP-family models (a learnt logit bias) train with the sigmoid loss."""
+        return getattr(self._model, "logit_bias", None) is not None
 
     def contrastive_loss(self) -> Callable:
-        """Symmetric InfoNCE: loss(image features, text features, logit scale) → scalar tensor."""
-        from open_clip.loss import ClipLoss
+        """loss(*forward_features(...)) → scalar tensor: SigLIP's sigmoid loss for a model with a logit bias, else
+        CLIP's symmetric InfoNCE (open_clip's own losses)."""
+        from open_clip.loss import ClipLoss, SigLipLoss
 
-        return ClipLoss()
+        return SigLipLoss() if self.uses_logit_bias() else ClipLoss()
 
     def clamp_logit_scale(self) -> None:
         """After each optimizer step, as open_clip's training does."""
