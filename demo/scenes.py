@@ -2,8 +2,10 @@
 
 Each scene holds one or two groups of objects. A group is 1–3 objects of one shape, colour and size; two groups sit
 left/right or top/bottom of each other, on a textured background. Five differently worded captions describe each
-scene. A share of scenes comes with a twin that differs in exactly one factor (sides swapped, count, colour, shape or
-size), so retrieval among them needs colour, shape, count, size and position all learnt, not any one alone.
+scene in English, and five in Chinese naming the same facts (a grammar of their own, not a translation of each
+sentence), so that one model learns queries in both. A share of scenes comes with a twin that differs in exactly one
+factor (sides swapped, count, colour, shape or size), so retrieval among them needs colour, shape, count, size and
+position all learnt, not any one alone.
 Everything is deterministic from the seed.
 """
 from __future__ import annotations
@@ -15,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from search.errors import DatasetError
+
 COLOURS = {"red": (215, 35, 35), "green": (40, 170, 50), "blue": (40, 70, 225), "yellow": (245, 215, 30),
            "purple": (145, 50, 190), "orange": (250, 135, 20), "white": (250, 250, 250), "black": (15, 15, 15)}
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
@@ -23,6 +27,15 @@ NUMBERS = {1: "one", 2: "two", 3: "three"}
 SIZES = ("small", "large")
 LAYOUTS = ("left-right", "top-bottom")
 TWIN_SHARE = 0.3
+LANGUAGES = ("en", "zh")  # caption languages the generator writes, each image's captions in this order
+# the Chinese grammar's words for the same factors
+COLOURS_ZH = {"red": "红色", "green": "绿色", "blue": "蓝色", "yellow": "黄色", "purple": "紫色", "orange": "橙色",
+              "white": "白色", "black": "黑色"}
+SHAPES_ZH = {"circle": "圆", "square": "方块", "triangle": "三角形", "diamond": "菱形", "cross": "十字"}
+BACKGROUNDS_ZH = {"grey": "灰色", "sand": "沙色", "slate": "青灰色"}
+NUMBERS_ZH = {1: "一", 2: "两", 3: "三"}
+SIZES_ZH = {"small": "小", "large": "大"}
+SIDES_ZH = {"left": "左边", "right": "右边", "top": "上面", "bottom": "下面"}
 IMAGE_DIR = "Flicker8k_Dataset"  # the name Flickr8k's archive unpacks to
 
 
@@ -38,6 +51,12 @@ class Group:
         noun = self.shape + ("es" if self.shape == "cross" and self.count > 1 else "s" if self.count > 1 else "")
         number = str(self.count) if digits else ("a" if self.count == 1 else NUMBERS[self.count])
         return f"{number} {size}{self.colour} {noun}"
+
+    def phrase_zh(self, with_size: bool = True, digits: bool = False) -> str:
+        """'两个红色的小圆': number and measure word 个, colour, 的, size, shape (Chinese nouns have no plural)."""
+        number = str(self.count) if digits else NUMBERS_ZH[self.count]
+        size = SIZES_ZH[self.size] if with_size else ""
+        return f"{number}个{COLOURS_ZH[self.colour]}的{size}{SHAPES_ZH[self.shape]}"
 
 
 @dataclass(frozen=True)
@@ -107,6 +126,27 @@ def captions(scene: Scene, rng: random.Random) -> tuple[str, ...]:
     return tuple(lines)
 
 
+def captions_zh(scene: Scene, rng: random.Random) -> tuple[str, ...]:
+    """The Chinese grammar: five wordings naming the same facts as `captions` (its wordings one for one: without
+    size, digits, order swapped, the relation to the other group, the background)."""
+    bg = BACKGROUNDS_ZH[scene.background]
+    if scene.layout == "centre":
+        g = scene.groups[0]
+        lines = [f"{bg}背景上有{g.phrase_zh()}", f"一张图片，中间有{g.phrase_zh(with_size=False)}",
+                 f"{bg}图片的中央有{g.phrase_zh(digits=True)}", f"只有{g.phrase_zh()}，没有别的", g.phrase_zh()]
+    else:
+        a, b = scene.groups
+        first, second = (SIDES_ZH[side] for side in (("left", "right") if scene.layout == "left-right"
+                                                     else ("top", "bottom")))
+        lines = [f"{a.phrase_zh()}在{first}，{b.phrase_zh()}在{second}",
+                 f"{b.phrase_zh()}在{second}，{a.phrase_zh(with_size=False)}在{first}",
+                 f"{bg}背景上，{a.phrase_zh(digits=True)}在{b.phrase_zh(digits=True)}的{first}",
+                 f"{first}：{a.phrase_zh()}。{second}：{b.phrase_zh()}",
+                 f"一张{bg}的图片，{b.phrase_zh()}在{a.phrase_zh()}的{second}"]
+    rng.shuffle(lines)
+    return tuple(lines)
+
+
 def render(scene: Scene, rng: random.Random, size: int = 64, supersample: int = 3) -> Image.Image:
     """Draw at `supersample`× and downscale, for smooth edges; the background carries a gradient and noise."""
     big = size * supersample
@@ -166,10 +206,15 @@ def _draw_shape(pen: ImageDraw.ImageDraw, shape: str, box, fill) -> None:
 
 
 def generate(out: Path, n_train: int = 10000, n_val: int = 500, n_test: int = 1000, seed: int = 0,
-             size: int = 64) -> Path:
+             size: int = 64, languages: tuple[str, ...] = LANGUAGES) -> Path:
     """Write images, Flickr8k.token.txt and Flickr_8k.{train,dev,test}Images.txt under `out`; returns the token
-    file. Scenes are distinct across the whole dataset, so test images and captions are never seen in training."""
+    file. Scenes are distinct across the whole dataset, so test images and captions are never seen in training.
+    Each image gets five captions per language of `languages` ("en", "zh"), numbered #0… in that order."""
+    unknown = set(languages) - set(LANGUAGES)
+    if unknown or not languages:
+        raise DatasetError(f"caption languages are some of {LANGUAGES}, not {sorted(unknown) or 'none'}")
     rng = random.Random(seed)
+    zh_rng = random.Random(f"{seed}/zh")  # its own stream: the English captions and images stay as without Chinese
     out = Path(out)
     (out / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
     seen: set[Scene] = set()
@@ -186,7 +231,10 @@ def generate(out: Path, n_train: int = 10000, n_val: int = 500, n_test: int = 10
                 seen.add(s)
                 name = f"scene_{split}_{len(names):05d}.jpg"
                 render(s, rng, size).save(out / IMAGE_DIR / name, quality=92)
-                token_lines += [f"{name}#{i}\t{c}" for i, c in enumerate(captions(s, rng))]
+                english = captions(s, rng)  # drawn always, so that the images do not depend on `languages`
+                lines = english if "en" in languages else ()
+                lines += captions_zh(s, zh_rng) if "zh" in languages else ()
+                token_lines += [f"{name}#{i}\t{c}" for i, c in enumerate(lines)]
                 names.append(name)
         split_lists[split] = names
     token = out / "Flickr8k.token.txt"

@@ -10,21 +10,41 @@ import numpy as np
 from .errors import QueryError
 from .metrics import repeated_texts, retrieval_metrics
 from .per_query import PerQuery
-from .recall import RetrievalMetrics
+from .query_features import LANGUAGES, caption_language
+from .recall import LanguageRecall, RetrievalMetrics
 from .store import StoredIndex
 
 
 def evaluate(index: StoredIndex, ties: str = "clip_benchmark") -> RetrievalMetrics:
     """Exact recall@k over the stored vectors (no model is needed, they were encoded at build time), how many caption
     texts repeat, and recall through the FAISS indexes in use; `ties` is a rule of search.metrics.TIES.
-    NoCaptionsError for an index without captions."""
+    NoCaptionsError for an index without captions. When the captions are in more than one language (Chinese and
+    English: search.query_features.caption_language), also recall per language (`languages`, exact search)."""
     caption_image_ids = np.asarray(index.catalog.caption_image_ids(), np.int64)
     images, captions = index.vectors("images"), index.vectors("captions")
     metrics = retrieval_metrics(images, captions, caption_image_ids, ties=ties, indexes=(index.images, index.captions))
     texts = index.catalog.captions(range(len(caption_image_ids)))
+    languages = np.asarray([caption_language(texts[i].text) for i in range(len(caption_image_ids))])
     return replace(metrics, **repeated_texts(record.text for record in texts.values()),
                    factories={"images": index.images.factory, "captions": index.captions.factory},
-                   params={"images": index.images.params, "captions": index.captions.params})
+                   params={"images": index.images.params, "captions": index.captions.params},
+                   languages=per_language(images, captions, caption_image_ids, languages, ties))
+
+
+def per_language(images: np.ndarray, captions: np.ndarray, caption_image_ids: np.ndarray, languages: np.ndarray,
+                 ties: str = "clip_benchmark") -> tuple[LanguageRecall, ...] | None:
+    """Recall over each language's captions (`languages`: a code per caption), in LANGUAGES order; None when all
+    captions are in one language. Text→image of a language is the full text→image over those caption queries alone;
+    image→text ranks only that language's captions (images without one are left out, as always)."""
+    present = [code for code, _ in LANGUAGES if (languages == code).any()]
+    if len(present) < 2:
+        return None
+    found = []
+    for code in present:
+        chosen = np.flatnonzero(languages == code)
+        recall = retrieval_metrics(images, captions[chosen], caption_image_ids[chosen], ties=ties).recall
+        found.append(LanguageRecall(code, len(chosen), recall))
+    return tuple(found)
 
 
 

@@ -1,8 +1,11 @@
 """Features of a caption's text that retrieval models are known to trip over — its length, number words, colour
 words, spatial words, negation — as named groups, so that recall can be sliced by them ("counting fails") and
-failures filtered (the /eval page). Pure text rules: no model, no index.
+failures filtered (the /eval page), and its language, so that recall can be reported per language. Pure text rules:
+no model, no index.
 
-A caption belongs to exactly one length group (by its word count) and to any number of word groups.
+A caption belongs to exactly one length group (by its word count), to any number of word groups and to one language:
+"zh" when it holds a Han (CJK) character, else "en". In Chinese, which has no spaces, every Han character counts as a
+word, and the word groups are found by characters and short words (红, 左边, 两…).
 """
 from __future__ import annotations
 
@@ -23,6 +26,15 @@ SPATIAL_WORDS = frozenset("left right top bottom above below behind beneath unde
                           "between".split())
 SPATIAL_PHRASES = (("in", "front"), ("next", "to"))
 NEGATION_WORDS = frozenset("no not without nothing none never nobody neither nor".split())
+# Chinese: substrings of the caption (no word boundaries to rely on)
+NUMBERS_ZH = tuple("一二两三四五六七八九十百几双对")
+NOT_NUMBERS_ZH = ("三角", "十字")  # triangle, cross: number characters inside a shape's name
+COLOURS_ZH = tuple("红橙黄绿蓝紫粉棕黑白灰银金青") + ("颜色", "彩色")
+SPATIAL_ZH = ("左", "右", "上面", "下面", "上方", "下方", "上边", "下边", "前面", "后面", "旁边", "之间", "中间")
+NEGATION_ZH = ("不", "没", "无", "非", "别的")
+
+# (language code, label): the caption languages told apart, in the order pages show them
+LANGUAGES = (("en", "English"), ("zh", "Chinese"))
 
 # (group key, label, what it means): the word groups, in the order pages show them
 WORD_GROUPS = (("counts", "counts", "number words or digits"), ("colours", "colours", "colour words"),
@@ -34,11 +46,19 @@ LABELS = dict(GROUPS)
 LENGTH_KEYS = tuple(key for key, _, _ in LENGTH_BUCKETS)
 WORD_KEYS = tuple(key for key, _, _ in WORD_GROUPS)
 
-_WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)*")  # letters and digits, with inner apostrophes ("isn't" is one word)
+_HAN = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"  # CJK ideographs and their extensions
+# one Han character, or letters and digits (no Han) with inner apostrophes ("isn't" is one word)
+_WORD = re.compile(rf"[{_HAN}]|[^\W_{_HAN}]+(?:'[^\W_{_HAN}]+)*")
+_HAN_CHAR = re.compile(rf"[{_HAN}]")
+
+
+def caption_language(text: str) -> str:
+    """"zh" for a text with a Han character in it, else "en"."""
+    return "zh" if _HAN_CHAR.search(text) else "en"
 
 
 def words(text: str) -> list[str]:
-    """The caption's words, lower-cased."""
+    """The caption's words, lower-cased; each Han character is a word of its own."""
     return _WORD.findall(text.lower())
 
 
@@ -51,10 +71,12 @@ def length_group(n_words: int) -> str:
 
 @dataclass(frozen=True)
 class QueryFeatures:
-    """`length`: the length group's key; `groups`: the word groups' keys (in WORD_GROUPS order); `n_words`."""
+    """`length`: the length group's key; `groups`: the word groups' keys (in WORD_GROUPS order); `n_words`;
+    `language`: a code of LANGUAGES."""
     n_words: int
     length: str
     groups: tuple[str, ...]
+    language: str = "en"
 
     @property
     def all_groups(self) -> tuple[str, ...]:
@@ -74,4 +96,10 @@ def query_features(text: str) -> QueryFeatures:
         # contractions ("isn't", "doesn't") negate as "not" does
         "negation": bool(present & NEGATION_WORDS) or any(w.endswith("n't") for w in found),
     }
-    return QueryFeatures(len(found), length_group(len(found)), tuple(key for key in WORD_KEYS if has[key]))
+    language = caption_language(text)
+    if language == "zh":
+        for key, markers in (("counts", NUMBERS_ZH), ("colours", COLOURS_ZH), ("spatial", SPATIAL_ZH),
+                             ("negation", NEGATION_ZH)):
+            within = text if key != "counts" else re.sub("|".join(NOT_NUMBERS_ZH), " ", text)
+            has[key] = has[key] or any(marker in within for marker in markers)
+    return QueryFeatures(len(found), length_group(len(found)), tuple(key for key in WORD_KEYS if has[key]), language)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
+from .query_features import LANGUAGES
+
 # (JSON key, label) of the two retrieval directions, in the order everything lists them
 DIRECTIONS = (("text_to_image", "text→image"), ("image_to_text", "image→text"))
 
@@ -74,6 +76,19 @@ class RetrievalRecall:
 
 
 @dataclass(frozen=True)
+class LanguageRecall:
+    """Recall over the captions of one language (search.query_features.caption_language): text→image with those
+    captions as queries (among all images), image→text with only those captions as candidates."""
+
+    language: str
+    n_captions: int
+    recall: RetrievalRecall
+
+    def to_json(self) -> dict:
+        return {"n_captions": self.n_captions, **self.recall.to_json()}
+
+
+@dataclass(frozen=True)
 class RetrievalMetrics:
     """Recall of a set of vectors by exact search (with ranks), optionally through the FAISS indexes in use, and what
     `search eval` adds about the index (repeated caption texts, the indexes' factories and parameters)."""
@@ -88,6 +103,8 @@ class RetrievalMetrics:
     captions_with_repeated_text: int | None = None
     factories: Mapping[str, str] | None = None  # per kind ('images', 'captions'), of the indexes searched
     params: Mapping[str, dict | None] | None = None
+    # per caption language, when the captions are in more than one (search.evaluation.evaluate), else None
+    languages: tuple[LanguageRecall, ...] | None = None
 
     def to_json(self) -> dict:
         """`search eval --json`'s shape (a training epoch's "val" has the first five keys)."""
@@ -99,14 +116,20 @@ class RetrievalMetrics:
             indexes = {} if self.factories is None else {"factories": dict(self.factories),
                                                          "params": dict(self.params or {})}
             data["index_search"] = {**indexes, **self.index_search.to_json()}
+        if self.languages is not None:
+            data["languages"] = {item.language: item.to_json() for item in self.languages}
         return data
 
     @classmethod
     def from_json(cls, data: Mapping) -> "RetrievalMetrics":
         searched = data.get("index_search") or {}
+        languages = data.get("languages")
         return cls(RetrievalRecall.from_json(data), data["n_images"], data["n_captions"], data["ties"],
                    RetrievalRecall.from_json(searched) if searched else None, data.get("repeated_caption_texts"),
-                   data.get("captions_with_repeated_text"), searched.get("factories"), searched.get("params"))
+                   data.get("captions_with_repeated_text"), searched.get("factories"), searched.get("params"),
+                   None if languages is None else tuple(
+                       LanguageRecall(code, item["n_captions"], RetrievalRecall.from_json(item))
+                       for code, item in languages.items()))
 
     def format(self) -> str:
         """The table `search eval` prints."""
@@ -127,4 +150,8 @@ class RetrievalMetrics:
             else:
                 lines.append("through the indexes in use:")
             lines += self.index_search.rows()
+        for item in self.languages or ():
+            name = dict(LANGUAGES).get(item.language, item.language)
+            lines.append(f"{name} captions only ({item.n_captions}; image→text ranks these captions alone):")
+            lines += item.recall.rows()
         return "\n".join(lines)

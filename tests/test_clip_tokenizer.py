@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import html
+import json
 import os
 import random
 import subprocess
@@ -147,6 +148,26 @@ def test_the_corpus_reaches_the_corners_it_is_meant_to(texts):
 def test_another_context_length(texts, context):
     reference = open_clip.get_tokenizer("ViT-B-32", context_length=context)
     assert _differences(ClipTokenizer(open_clip_vocab_path(), context), reference, texts[::4]) == []
+
+
+def test_the_demos_chinese_captions_equal_open_clips_and_fit_the_demo_models_context():
+    """Chinese is byte-level BPE in CLIP's vocabulary (2–3 ids a character): the demo's captions must neither differ
+    from open_clip's ids nor be cut at the demo model's context length."""
+    from demo.prepare import DEMO_MODEL_CONFIG
+    from demo.scenes import captions_zh, random_scene
+
+    context = json.loads(DEMO_MODEL_CONFIG.read_text())["model_cfg"]["text_cfg"]["context_length"]
+    rng = random.Random(5)
+    chinese = [c for _ in range(600) for c in captions_zh(random_scene(rng), rng)]
+    chinese += ["两个红色的小圆在左边", "两个红色的小圆在左边，一个蓝色的大方块在右边", "三个紫色的十字", "沒有綠色的三角形"]
+    reference = open_clip.get_tokenizer("ViT-B-32", context_length=context)
+    assert _differences(ClipTokenizer(open_clip_vocab_path(), context), reference, chinese) == []
+    lengths = [len(reference.encode(c)) + 2 for c in chinese]  # with <start_of_text> and <end_of_text>
+    assert max(lengths) <= context and max(lengths) > 2 * len(max(chinese, key=len))  # bytes, not characters
+    # at CLIP's 77 the longest are cut, mid-character: still id for id
+    assert max(lengths) > CONTEXT
+    assert _differences(ClipTokenizer(open_clip_vocab_path(), CONTEXT), open_clip.get_tokenizer("ViT-B-32"),
+                        [c for c, n in zip(chinese, lengths) if n > CONTEXT - 10]) == []
 
 
 def test_a_batch_equals_its_texts_one_by_one_and_a_lone_string_is_one_text(ours, texts):

@@ -10,7 +10,8 @@ GET /eval/plot/recall.png                  recall@k curves of both directions (s
 GET /eval/plot/compare/KIND/recall.png, …/ranks.png   with `--compare-index`: the two indexes' curves, rank scatter
 
 Per-query results (search/per_query.py, from the stored vectors: no model call) are computed once per index
-version — of the served index and of the compared one — and kept until either changes.
+version — of each served index and of the compared one — and kept until either changes. Every route takes
+`index=NAME` on a server with several indexes; `--compare-index` compares with the default one.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from search.compare import Comparison, compare
 from search.errors import EngineError, NoCaptionsError, QueryError
 from search.layout import MANIFEST_NAME
 from search.per_query import CURVE_MAX_K, KINDS, PerQuery, QueryOutcome, per_query
-from search.query_features import GROUPS, LABELS, LENGTH_KEYS, WORD_GROUPS, WORD_KEYS, QueryFeatures, query_features
+from search.query_features import (GROUPS, LABELS, LANGUAGES, LENGTH_KEYS, WORD_GROUPS, WORD_KEYS, QueryFeatures,
+                                   query_features)
 from search.store import StoredIndex, open_index
 
 from .engine import EXTENSION_KEY, engine
@@ -64,7 +66,7 @@ class EvalState:
         self.compare_path = compare_path
         self.other = open_index(compare_path) if compare_path is not None else None
         self.lock = threading.Lock()
-        self.cached: Evaluated | None = None
+        self.cached: dict[str, Evaluated] = {}  # per served index path: its latest version's
 
     def _other_version(self) -> tuple:
         """The compared index's version now on disk; re-opened when it changed (an `indexer update` of B)."""
@@ -78,20 +80,22 @@ class EvalState:
             logging.getLogger(__name__).warning("keeping the compared index as it was: %s", exc)
         return self.other.version
 
-    def evaluated(self, index: StoredIndex) -> Evaluated:
-        """The per-query results of `index` (the served version); NoCaptionsError for an index without captions."""
+    def evaluated(self, index: StoredIndex, compared: bool = True) -> Evaluated:
+        """The per-query results of `index` (the served version), `compared` with the compared index if there is one;
+        NoCaptionsError for an index without captions."""
         with self.lock:
-            key = (str(index.path), index.version, self._other_version())
-            if self.cached is None or self.cached.key != key:
-                self.cached = None  # free the old version's outcomes before computing the new ones
-                self.cached = self._compute(key, index)
-            return self.cached
+            path = str(index.path)
+            key = (path, index.version, self._other_version() if compared else None)
+            if path not in self.cached or self.cached[path].key != key:
+                self.cached.pop(path, None)  # free the old version's outcomes before computing the new ones
+                self.cached[path] = self._compute(key, index, compared)
+            return self.cached[path]
 
-    def _compute(self, key: tuple, index: StoredIndex) -> Evaluated:
+    def _compute(self, key: tuple, index: StoredIndex, compared: bool) -> Evaluated:
         outcomes = per_query(index)
         features = tuple(query_features(o.query) for o in outcomes.of("text_to_image"))
         evaluated = Evaluated(key, outcomes, features)
-        if self.other is not None:
+        if self.other is not None and compared:
             try:
                 theirs = per_query(self.other)
                 evaluated.comparison = compare(outcomes, theirs, TABLE_KS, labels=(index.path.name,
@@ -111,8 +115,13 @@ def _state() -> EvalState:
     return current_app.extensions[STATE_KEY]
 
 
+def _compared() -> bool:
+    """Whether /eval compares: with `--compare-index`, on the default index."""
+    return _state().compare_path is not None and engine().current() is engine().default
+
+
 def _evaluated() -> Evaluated:
-    return _state().evaluated(engine().searcher.index)
+    return _state().evaluated(engine().searcher.index, _compared())
 
 
 @eval_pages.get("/eval")
@@ -120,7 +129,7 @@ def page():
     index = engine().searcher.index
     manifest = index.manifest
     return render_template("eval.html", n_images=manifest.n_images, n_captions=manifest.n_captions,
-                           model=str(manifest.encoder), compared=_state().compare_path is not None, kinds=KINDS,
+                           model=str(manifest.encoder), compared=_compared(), kinds=KINDS,
                            direction_labels=DIRECTION_LABELS, lengths=[(k, LABELS[k]) for k in LENGTH_KEYS],
                            features=[(k, label, about) for k, label, about in WORD_GROUPS], fell=FELL,
                            page_rows=PAGE_ROWS,
@@ -133,13 +142,19 @@ def _recall_table(outcomes: PerQuery) -> dict:
 
 
 def _slices(evaluated: Evaluated) -> dict:
-    """Recall@SLICE_K of text→image per caption group (length, word groups) against all captions."""
+    """Recall@SLICE_K of text→image per caption group (length, word groups and, when the captions are in more than
+    one language, each language: group `language_<code>`) against all captions."""
     hits = evaluated.outcomes.hit("text_to_image", SLICE_K)
     groups = []
     for key, label in GROUPS:
         chosen = [i for i, f in enumerate(evaluated.features) if key in f.all_groups]
         recall = 100 * int(hits[chosen].sum()) / len(chosen) if chosen else None
         groups.append({"group": key, "label": label, "n": len(chosen), "recall": recall})
+    languages = [(code, label) for code, label in LANGUAGES if any(f.language == code for f in evaluated.features)]
+    for code, label in languages if len(languages) > 1 else ():  # captions in several languages: one slice each
+        chosen = [i for i, f in enumerate(evaluated.features) if f.language == code]
+        groups.append({"group": f"language_{code}", "label": f"{label} captions", "n": len(chosen),
+                       "recall": 100 * int(hits[chosen].sum()) / len(chosen)})
     return {"kind": "text_to_image", "k": SLICE_K, "all": 100 * int(hits.sum()) / len(hits), "n": len(hits),
             "groups": groups}
 
@@ -162,7 +177,7 @@ def _comparison_json(evaluated: Evaluated) -> dict | None:
 def summary():
     evaluated = _evaluated()
     outcomes = evaluated.outcomes
-    return jsonify(index=engine().searcher.index.path.name, ties=outcomes.ties,
+    return jsonify(index=engine().current().name, ties=outcomes.ties,
                    n_queries={kind: len(outcomes.of(kind)) for kind in KINDS}, recall=_recall_table(outcomes),
                    slices=_slices(evaluated), compare=_comparison_json(evaluated),
                    plot=url_for("eval.recall_plot"))
