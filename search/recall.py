@@ -144,9 +144,9 @@ class RetrievalMetrics:
         if self.index_search is not None:
             if self.factories is not None:
                 params = self.params or {}
-                lines.append(f"through the indexes in use (images: {self.factories['images']} "
-                             f"{params.get('images') or ''}, captions: {self.factories['captions']} "
-                             f"{params.get('captions') or ''}):")
+                used = ", ".join(f"{kind}: {' '.join(str(part) for part in (self.factories[kind], params.get(kind)) if part)}"
+                                 for kind in ("images", "captions"))
+                lines.append(f"through the indexes in use ({used}):")
             else:
                 lines.append("through the indexes in use:")
             lines += self.index_search.rows()
