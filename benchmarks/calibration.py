@@ -2,20 +2,24 @@
 level → recall and precision of held-out caption queries, and the share of queries about absent things that return
 nothing.
 
-    python -m benchmarks.calibration                      # demo_data (prepared first when missing: ~8 min once)
+    python -m benchmarks.calibration                      # demo_data (prepared first when missing: ~11 min once)
     python -m benchmarks.calibration --demo-dir /tmp/demo_data
     python -m benchmarks.calibration --scale 100000       # also: fit time on 100k synthetic float16 vectors on disk
 
 The issue's check, as measured here (`measure`):
-- held-out captions: each demo scene has 5 differently worded captions. In fold f (FOLDS of them) the calibration is
-  fitted on 3 captions of every image and queried with its other 2 (ranks f and f+1 of the image's captions, so every
-  caption is held out twice over the folds); recall = share of held-out queries whose own image has relevance ≥ the
-  level, precision = own images kept / all hits kept, predicted = mean relevance of the kept hits.
+- held-out captions, per caption language (search.query_features.caption_language; the demo writes 5 English and
+  5 Chinese captions per scene): in fold f (FOLDS of them) 2 of every image's 5 captions in that language are held
+  out (ranks f and f+1 among them, so every caption is held out twice over the folds) and the calibration is fitted
+  on all the other captions, of both languages, as a build of the collection without them would be
+  (indexer/writer.with_relevance fits on every caption of the index); recall = share of held-out queries whose own
+  image has relevance ≥ the level, precision = own images kept / all hits kept, predicted = mean relevance of the
+  kept hits.
 - absent things: for a colour (or a shape) of the demo, the collection is the index's scenes WITHOUT any group of it
-  (demo/scenes.py's groups, read back from the captions), fitted on that subset as a build of it would be; queries
-  in the demo's grammar name that colour (shape): a one-group scene's caption ("there is two purple circles and
-  nothing else") or a group and a side ("three small purple crosses on the left"). empty = share of queries keeping
-  no image at that level.
+  (demo/scenes.py's groups, read back from the English captions), fitted on all that subset's captions as a build of
+  it would be; queries in the demo's grammar of each caption language name that colour (shape): a one-group scene's
+  caption ("there is two purple circles and nothing else", "只有两个紫色的大圆，没有别的") or a group and a side
+  ("three small purple crosses on the left", "三个紫色的小十字在左边"). empty = share of queries keeping no image at
+  that level.
 At a level P the kept hits of a query are all images (the whole collection, not a top k) with relevance ≥ P.
 Honest records beside the check, fitted on all captions: captions reworded in templates the demo never writes, and
 words the model never saw ("a pink hexagon": unknown words are ignored by the model, so it encodes like "a …").
@@ -23,6 +27,7 @@ words the model never saw ("a pink hexagon": unknown words are ignored by the mo
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import re
 import time
@@ -31,7 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from demo.scenes import BACKGROUNDS, COLOURS, NUMBERS, SHAPES, SIZES, Group, Scene, captions, random_group
+from demo.scenes import (BACKGROUNDS, COLOURS, NUMBERS, SHAPES, SIDES_ZH, SIZES, Group, Scene, captions, captions_zh,
+                         random_group)
+from search.query_features import LANGUAGES, caption_language
 from search.relevance import DEFAULT_PRECISION_TARGET, Calibration, fit_calibration
 
 LEVELS = (0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -49,7 +56,9 @@ def _group(match: tuple) -> Group:
 
 
 def parse_scene(lines: list[str]) -> Scene | None:
-    """The scene a demo image's captions describe (the templates of demo/scenes.py naming every factor)."""
+    """The scene a demo image's captions describe (the English templates of demo/scenes.py naming every factor; lines
+    in other languages are passed over)."""
+    lines = [line for line in lines if caption_language(line) == "en"]
     background = next((m.group(1) for line in lines for m in [re.search(r"(?:on a|^a) (\w+) (?:background|picture)",
                                                                           line)] if m), None)
     for line in lines:
@@ -78,17 +87,21 @@ def reworded(scene: Scene, rng: random.Random) -> str:
                        f"{second}", f"a picture with {a} {relation} {b}", f"{second}: {b}. {first}: {a}"])
 
 
-def absent_queries(what: str, value: str, n: int, seed: int = 1) -> list[str]:
-    """`n` queries in the demo's grammar about one group whose `what` ("colour" or "shape") is `value`, the rest
-    random: half a one-group scene's caption (captions()), half the group's phrase and a side."""
-    rng = random.Random(f"{what} {value} {seed}")
+def absent_queries(what: str, value: str, n: int, seed: int = 1, language: str = "en") -> list[str]:
+    """`n` queries in the demo's grammar of `language` ("en", "zh") about one group whose `what` ("colour" or "shape")
+    is `value`, the rest random: half a one-group scene's caption (captions(), captions_zh()), half the group's phrase
+    and a side ("… on the left", "…在左边")."""
+    rng = random.Random(f"{what} {value} {seed}" + ("" if language == "en" else f" {language}"))
     queries = []
     while len(queries) < n:
         group = replace(random_group(rng), **{what: value})
         if rng.random() < 0.5:
-            queries.append(rng.choice(captions(Scene((group,), "centre", rng.choice(list(BACKGROUNDS))), rng)))
-        else:
+            scene = Scene((group,), "centre", rng.choice(list(BACKGROUNDS)))
+            queries.append(rng.choice((captions if language == "en" else captions_zh)(scene, rng)))
+        elif language == "en":
             queries.append(f"{group.phrase(with_size=rng.random() < 0.5)} on the {rng.choice(SIDES)}")
+        else:
+            queries.append(f"{group.phrase_zh(with_size=rng.random() < 0.5)}在{SIDES_ZH[rng.choice(SIDES)]}")
     return queries
 
 
@@ -115,6 +128,15 @@ def held_out_mask(owners: np.ndarray, fold: int, n_held: int = HELD_OUT) -> np.n
     rank[order] = np.arange(len(owners)) - starts
     counts = np.bincount(owners)[owners]
     return (counts > n_held) & ((rank - fold) % np.maximum(counts, 1) < n_held)
+
+
+def language_held_out_mask(owners: np.ndarray, languages: np.ndarray, language: str, fold: int) -> np.ndarray:
+    """held_out_mask among the captions in `language` (a code per caption in `languages`); the others are never
+    held out."""
+    mask = np.zeros(len(owners), bool)
+    chosen = np.flatnonzero(languages == language)
+    mask[chosen] = held_out_mask(owners[chosen], fold)
+    return mask
 
 
 def _subset(images, texts, owners, keep: np.ndarray):
@@ -151,33 +173,41 @@ def _pooled(folds: list[list[dict]]) -> list[dict]:
     return [{key: float(np.mean([f[i][key] for f in folds])) for key in folds[0][i]} for i in range(len(LEVELS))]
 
 
-def measure(images, texts, owners, scenes: list[Scene], encode, n_queries: int = 200,
-            values: dict | None = None) -> dict:
+def measure(images, texts, owners, scenes: list[Scene], encode, n_queries: int = 200, values: dict | None = None,
+            languages=None) -> dict:
     """The issue's check on a scene collection: image and caption vectors, each caption's image id, each image's
-    Scene, and `encode` (texts → vectors, the index's model). {"held_out": rows pooled over FOLDS, "absent":
-    {"colour red": rows, …}} for the colours and shapes in `values` (default: every one the demo draws)."""
+    Scene, `encode` (texts → vectors, the index's model) and each caption's language code (default: all "en").
+    {"held_out": rows pooled over FOLDS, "absent": {"colour red": rows, …}} of the first language of LANGUAGES
+    present (English), and {"by_language": {code: {"held_out": …, "absent": …}}} of each, for the colours and shapes
+    in `values` (default: every one the demo draws)."""
     images, texts = np.asarray(images, np.float32), np.asarray(texts, np.float32)
     owners = np.asarray(owners, np.int64)
-    folds = []
-    for fold in range(FOLDS):
-        held = held_out_mask(owners, fold)
-        cal = fit_calibration(images, texts[~held], owners[~held])
-        folds.append(curve(cal, images, texts[held], owners[held]))
-    absent = {}
+    languages = np.full(len(owners), "en") if languages is None else np.asarray(languages)
+    present = [code for code, _ in LANGUAGES if (languages == code).any()]
+    found = {code: {"held_out": [], "absent": {}} for code in present}
+    for code in present:
+        folds = []
+        for fold in range(FOLDS):
+            held = language_held_out_mask(owners, languages, code, fold)
+            cal = fit_calibration(images, texts[~held], owners[~held])  # every other caption, as a build fits
+            folds.append(curve(cal, images, texts[held], owners[held]))
+        found[code]["held_out"] = _pooled(folds)
     for what, names in (values or {"colour": list(COLOURS), "shape": list(SHAPES)}).items():
         for value in names:
             keep = np.array([all(getattr(g, what) != value for g in scene.groups) for scene in scenes])
             sub_images, sub_texts, sub_owners = _subset(images, texts, owners, keep)
-            cal = fit_calibration(sub_images, sub_texts, sub_owners)
-            queries = np.asarray(encode(absent_queries(what, value, n_queries)), np.float32)
-            absent[f"{what} {value}"] = curve(cal, sub_images, absent=queries)
-            absent[f"{what} {value}"][0]["images"] = len(sub_images)
-    return {"held_out": _pooled(folds), "absent": absent}
+            cal = fit_calibration(sub_images, sub_texts, sub_owners)  # all its captions, of every language
+            for code in present:
+                queries = np.asarray(encode(absent_queries(what, value, n_queries, language=code)), np.float32)
+                rows = found[code]["absent"][f"{what} {value}"] = curve(cal, sub_images, absent=queries)
+                rows[0]["images"] = len(sub_images)
+    return {**found[present[0]], "by_language": found}
 
 
 def measure_index(index_dir: Path, n_queries: int = 200) -> dict:
     """`measure` on an index of demo scenes with its own model, and the honest records (reworded captions, unknown
-    words) under "records", with the calibration fitted on the whole index ("calibration") and "fit_seconds"."""
+    words) under "records", with the calibration fitted on the whole index ("calibration"), "fit_seconds" and
+    "same_as_index" (whether it equals the one the index's build stored)."""
     from search.searcher import Searcher
 
     searcher = Searcher.open(index_dir)
@@ -188,18 +218,21 @@ def measure_index(index_dir: Path, n_queries: int = 200) -> dict:
     scenes = [parse_scene(lines[i]) for i in range(len(images))]
     if None in scenes:
         raise ValueError(f"image {scenes.index(None)}: cannot read its scene from {lines[scenes.index(None)]}")
+    records = index.catalog.captions(range(len(owners)))
+    languages = np.asarray([caption_language(records[i].text) for i in range(len(owners))])
     encode = lambda batch: np.asarray(searcher.encoder.encode_texts(batch), np.float32)  # noqa: E731
-    found = measure(images, texts, owners, scenes, encode, n_queries)
+    found = measure(images, texts, owners, scenes, encode, n_queries, languages=languages)
     start = time.perf_counter()
     cal = fit_calibration(images, texts, owners, index.manifest.metric)
     found.update(calibration=cal, fit_seconds=time.perf_counter() - start)
+    # the fit a build of this index stored (indexer/writer.with_relevance: every caption, both languages)
+    found["same_as_index"] = json.loads(json.dumps(cal.to_json())) == index.manifest.relevance
     rng = random.Random(1)
     fresh = [reworded(scene, rng) for scene in scenes]
     found["records"] = {"reworded": curve(cal, images, encode(fresh), np.arange(len(images)))}
     for what in ("colour", "shape"):
         found["records"][f"unknown {what}"] = curve(cal, images, absent=encode(unknown_word_queries(n_queries, what)))
-    found["examples"] = {"reworded": fresh[0], "absent": absent_queries("colour", "purple", 2),
-                         "unknown": unknown_word_queries(1, "shape")}
+    found["examples"] = {"reworded": fresh[0], "unknown": unknown_word_queries(1, "shape")}
     return found
 
 
@@ -234,6 +267,7 @@ def at_level(rows: list[dict], level: float) -> dict:
 
 
 def _table(found: dict, target: float) -> str:
+    """One language's held-out rows and the worst absent colour / shape per level; `found` as measure's."""
     absent = found["absent"]
     lines = ["level  min score  held-out: recall  precision  predicted  hits/query   empty: worst colour  worst shape"]
     for i, r in enumerate(found["held_out"]):
@@ -257,16 +291,20 @@ def main(argv: list[str] | None = None) -> int:
     found = measure_index(result.index, args.queries)
     cal, target = found["calibration"], DEFAULT_PRECISION_TARGET
     print(f"demo index {result.index}: {cal.summary()}")
-    print(f"fit: {found['fit_seconds']:.2f} s; fitted on {cal.fitted_on['kinds']}")
-    print(f"\ntext→image. Held-out captions: {FOLDS} folds, {HELD_OUT} of 5 captions per image held out, fitted on the "
-          f"others. Absent: {args.queries} queries per colour/shape, e.g. {found['examples']['absent']}, on the "
-          f"index without that colour/shape, fitted on it:")
-    print(_table(found, target))
-    print(f"\nempty share per absent colour/shape (images in the collection without it) at levels 0.02 / {target:g} "
-          f"(auto) / 0.1 / 0.3:")
-    for key, rows in found["absent"].items():
-        shares = " / ".join(f"{at_level(rows, level)['empty']:.3f}" for level in (0.02, target, 0.1, 0.3))
-        print(f"  {key:16} ({rows[0]['images']:4d} images)  {shares}")
+    print(f"fit: {found['fit_seconds']:.2f} s; fitted on {cal.fitted_on['kinds']}; the same as the index's stored "
+          f"calibration (fitted by its build): {'yes' if found['same_as_index'] else 'NO'}")
+    names = dict(LANGUAGES)
+    for code, part in found["by_language"].items():
+        example = absent_queries("colour", "purple", 2, language=code)
+        print(f"\ntext→image, {names[code]}. Held-out captions: {FOLDS} folds, {HELD_OUT} of each image's 5 "
+              f"{names[code]} captions held out, fitted on all the others. Absent: {args.queries} {names[code]} "
+              f"queries per colour/shape, e.g. {example}, on the index without that colour/shape, fitted on it:")
+        print(_table(part, target))
+        print(f"\nempty share per absent colour/shape, {names[code]} queries (images in the collection without it) at "
+              f"levels 0.02 / {target:g} (auto) / 0.1 / 0.3:")
+        for key, rows in part["absent"].items():
+            shares = " / ".join(f"{at_level(rows, level)['empty']:.3f}" for level in (0.02, target, 0.1, 0.3))
+            print(f"  {key:16} ({rows[0]['images']:4d} images)  {shares}")
     records = found["records"]
     print(f"\nrecords, fitted on all captions (not the issue's check): recall of captions reworded in templates the "
           f"demo never writes (e.g. {found['examples']['reworded']!r}); empty share of queries with words the model "
