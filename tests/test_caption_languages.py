@@ -107,6 +107,28 @@ def test_eval_page_slices_per_language(index_dir):
     assert by_group["language_zh"]["label"] == "Chinese captions"
 
 
+def test_failures_filter_by_language(index_dir):
+    """`language=` keeps the captions of that language (told by their script here, independently of the server's
+    rule), worst first; it describes captions, so other directions refuse it, as do unknown codes."""
+    client = create_app(WebConfig(index=index_dir)).test_client()
+    def rows(query: str) -> list[dict]:  # every page of it
+        found, offset = [], 0
+        while True:
+            body = client.get(f"/api/eval?fell=0&limit=100&offset={offset}{query}").get_json()
+            found += body["rows"]
+            offset += 100
+            if offset >= body["total"]:
+                return found
+
+    every = rows("")
+    assert len(every) == 24 * 3 + (24 - ENGLISH_ONLY) * 2
+    for language, chinese in (("en", False), ("zh", True)):
+        expected = [row for row in every if any("\u4e00" <= ch <= "\u9fff" for ch in row["query"]) == chinese]
+        assert rows(f"&language={language}") == expected and expected
+    assert client.get("/api/eval?kind=image_to_text&language=zh").status_code == 400
+    assert client.get("/api/eval?language=fr").status_code == 400
+
+
 def test_chinese_queries_through_the_api(index_dir, trained_model_dir):
     """UTF-8 in the GET query string and in a JSON body; the ranking is the model's for that text."""
     query = "一个红色的圆"
@@ -151,4 +173,14 @@ def test_the_page_takes_a_chinese_query_on_the_tiny_demo(tmp_path):
         assert page.locator("#results .card").count() > 0
         assert every_image_loaded(page) >= page.locator("#results .card").count()
         assert f"“{query}”" in page.text_content("#status")
+
+        page.goto(f"{url}/eval")  # the failures, filtered to the Chinese captions
+        page.wait_for_selector("#failures .failure")
+        assert page.is_visible("#language")
+        page.select_option("#fell", "0")
+        page.select_option("#language", "zh")
+        page.wait_for_selector("#failures-status:has-text('of 320 queries')")  # 64 test images × 5 Chinese captions
+        heads = page.locator("#failures .failure a.open").all_text_contents()
+        assert heads and all(any("\u4e00" <= ch <= "\u9fff" for ch in text) for text in heads)
+        assert every_image_loaded(page) > 0
         assert not failed

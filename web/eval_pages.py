@@ -1,7 +1,7 @@
 """The evaluation page: where retrieval fails on the served index, and how a second index compares.
 
 GET /eval                                  the page (for an index without captions, a page saying so)
-GET /api/eval?kind=text_to_image&length=&feature=&fell=&offset=&limit=
+GET /api/eval?kind=text_to_image&length=&feature=&language=&fell=&offset=&limit=
                                            per-query outcomes, worst first: the query, its gold item(s), what ranked
                                            above it (with scores), the rank; filters as the page's
 GET /api/eval/summary                      recall@1/5/10 both directions, recall@5 per caption feature group, and,
@@ -132,6 +132,7 @@ def page():
                            model=str(manifest.encoder), compared=_compared(), kinds=KINDS,
                            direction_labels=DIRECTION_LABELS, lengths=[(k, LABELS[k]) for k in LENGTH_KEYS],
                            features=[(k, label, about) for k, label, about in WORD_GROUPS], fell=FELL,
+                           languages=LANGUAGES,
                            page_rows=PAGE_ROWS,
                            ann_plot=url_for("plots.ann_plot") if has_ann_plot(manifest) else None,
                            training_plot=url_for("plots.training_plot") if training_record(manifest) else None)
@@ -235,16 +236,17 @@ def failures():
     """The outcomes of one direction, worst first (highest rank, then query id), filtered and paged."""
     kind = _choice("kind", KINDS, "text_to_image")
     length, feature = _choice("length", LENGTH_KEYS), _choice("feature", WORD_KEYS)
+    language = _choice("language", tuple(code for code, _ in LANGUAGES))
     fell = _int_choice("fell", 0)
     offset, limit = _int_choice("offset", 0), _int_choice("limit", PAGE_ROWS, 1, MAX_ROWS)
-    if kind != "text_to_image" and (length or feature):
-        raise BadRequest("length and feature describe captions: they filter text_to_image queries only")
+    if kind != "text_to_image" and (length or feature or language):
+        raise BadRequest("length, feature and language describe captions: they filter text_to_image queries only")
     evaluated = _evaluated()
     outcomes = evaluated.outcomes
     rows = list(zip(outcomes.of(kind), evaluated.features if kind == "text_to_image" else [None] * len(
         outcomes.of(kind))))
     kept = [(o, f) for o, f in rows if o.rank > fell and (not length or f.length == length)
-            and (not feature or feature in f.groups)]
+            and (not feature or feature in f.groups) and (not language or f.language == language)]
     kept.sort(key=lambda pair: (-pair[0].rank, pair[0].query_id))
     return jsonify(kind=kind, total=len(kept), offset=offset, limit=limit,
                    rows=[_row(outcomes, o, f) for o, f in kept[offset:offset + limit]])

@@ -185,6 +185,7 @@ function filters() {
   if (kind === "text_to_image") {
     if ($("length").value) params.length = $("length").value;
     if ($("feature").value) params.feature = $("feature").value;
+    if ($("language").value) params.language = $("language").value;
   }
   if (indexName) params.index = indexName;
   return new URLSearchParams(params);
@@ -218,6 +219,8 @@ async function loadSummary() {
     const summary = await getJson(indexName ? `/api/eval/summary?${new URLSearchParams({index: indexName})}`
                                             : "/api/eval/summary");
     showRecall(summary);
+    // captions in several languages: the summary has a slice per language, and the failures can be filtered by it
+    $("language-choice").hidden = !summary.slices.groups.some((group) => group.group.startsWith("language_"));
     if (summary.compare) showComparison(summary.compare);
     setStatus($("status"), `${summary.index} · ${summary.n_queries.text_to_image} captions and ` +
                            `${summary.n_queries.image_to_text} images as queries · ${summary.ties} ties`);
@@ -228,7 +231,7 @@ async function loadSummary() {
 
 $("filters").addEventListener("change", () => {
   const captions = $("kind").value === "text_to_image";
-  ["length", "feature"].forEach((id) => { $(id).disabled = !captions; });
+  ["length", "feature", "language"].forEach((id) => { $(id).disabled = !captions; });
   offset = 0;
   loadFailures();
 });
