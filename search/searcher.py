@@ -133,6 +133,11 @@ class IndexedImage:
     recorded_root: str | None
 
 
+def model_spec(index: StoredIndex, model: str | None = None, pretrained: str | None = None) -> EncoderSpec:
+    """The model to open `index` with: the one it was built with, or `model`/`pretrained` (which must match it)."""
+    return index.manifest.encoder if model is None else EncoderSpec.from_args(model, pretrained)
+
+
 class Searcher:
     def __init__(self, index: StoredIndex, encoder: Encoder, config: SearchConfig = SearchConfig(),
                  run_model: ModelRunner = run_inline):
@@ -153,7 +158,7 @@ class Searcher:
         """Open an index with the model it was built with, or with `model`/`pretrained` (which must match), on
         `runtime` (search.encoders.RUNTIMES)."""
         index = open_index(index_dir)
-        spec = index.manifest.encoder if model is None else EncoderSpec.from_args(model, pretrained)
+        spec = model_spec(index, model, pretrained)
         return cls(index, create_encoder(spec, runtime, device=device, precision=precision), config, run_model)
 
     # -- query encoding ---------------------------------------------------------------------------------------------

@@ -137,6 +137,17 @@ def build_test_index(root: Path, pairs, model_spec: str, name: str = "index") ->
     return out
 
 
+def build_photo_index(root: Path, pairs, model_spec: str) -> tuple[Path, Path]:
+    """A folder of photos without captions (root/photos) indexed through the real CLI: (photos, index)."""
+    from indexer.cli import main as indexer_main
+
+    photos = write_images(Path(root) / "photos", pairs)
+    index = Path(root) / "photos-index"
+    assert indexer_main(["build", "--format", "folder", "--images", str(photos), "--out", str(index), "--model",
+                         model_spec, "--quiet"]) == 0
+    return photos, index
+
+
 def build_flickr8k_index(work: Path, model_spec: str, n: int = 9) -> Path:
     """n captioned images in Flickr8k's layout under `work`, indexed as `work/index` by the real CLI run from `work`
     (relative --out)."""

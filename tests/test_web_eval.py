@@ -20,7 +20,7 @@ from search.store import open_index
 from web import create_app
 
 from .browser import CHROMIUM, every_image_loaded, free_port, launch_browser, wait_until, web_server
-from .helpers import build_test_index, make_pairs, write_images, write_karpathy
+from .helpers import build_photo_index, build_test_index, make_pairs, write_images, write_karpathy
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = make_pairs(16, seed=3)
@@ -186,12 +186,7 @@ def test_comparing_another_dataset_says_so(indexes, tmp_path, tiny_model_spec):
 
 
 def test_an_index_without_captions_gets_a_page_saying_so(tmp_path, tiny_model_spec):
-    from indexer.cli import main as indexer_main
-
-    photos = write_images(tmp_path / "photos", PAIRS[:4])
-    index = tmp_path / "photos-index"
-    assert indexer_main(["build", "--format", "folder", "--images", str(photos), "--out", str(index), "--model",
-                         tiny_model_spec, "--quiet"]) == 0
+    photos, index = build_photo_index(tmp_path, PAIRS[:4], tiny_model_spec)
     client = create_app(index=index).test_client()
     page = client.get("/eval")
     assert page.status_code == 200 and "has no captions" in page.get_data(as_text=True)

@@ -14,7 +14,7 @@ import pytest
 from web import create_app
 from web.config import ADMIN_TOKEN_ENV, WebConfig
 
-from .helpers import build_test_index, make_pairs, write_images
+from .helpers import build_photo_index, build_test_index, make_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = make_pairs(12, seed=41)
@@ -115,12 +115,7 @@ def test_listening_beyond_loopback_without_a_token_warns(index_dir):
 
 
 def test_caption_search_on_an_index_without_captions_says_so(tmp_path, tiny_model_spec):
-    from indexer.cli import main as indexer_main
-
-    photos = write_images(tmp_path / "photos", PAIRS[:4])
-    index = tmp_path / "photos-index"
-    assert indexer_main(["build", "--format", "folder", "--images", str(photos), "--out", str(index), "--model",
-                         tiny_model_spec, "--quiet"]) == 0
+    photos, index = build_photo_index(tmp_path, PAIRS[:4], tiny_model_spec)
     client = create_app(index=index).test_client()
     with (photos / PAIRS[0][0]).open("rb") as handle:
         answer = client.post("/api/search/image", data={"image": (handle, "q.png"), "target": "captions"})

@@ -16,9 +16,9 @@ from pathlib import Path
 from flask import Flask, current_app, has_request_context, request
 from werkzeug.exceptions import BadRequest, NotFound
 
-from search.encoders import Encoder, EncoderSpec, create_encoder
+from search.encoders import Encoder, create_encoder
 from search.errors import EngineError, IndexFormatError, NotFoundError
-from search.searcher import IndexedImage, ModelRunner, Searcher, run_inline
+from search.searcher import IndexedImage, ModelRunner, Searcher, model_spec, run_inline
 from search.store import open_index
 
 from .config import WebConfig
@@ -121,8 +121,7 @@ def init_app(app: Flask, config: WebConfig, run_model: ModelRunner = run_inline)
     encoders: dict[tuple, tuple[Encoder, ModelRunner]] = {}
     indexes = {}
     for name, index in opened:
-        spec = index.manifest.encoder if config.model is None else EncoderSpec.from_args(config.model,
-                                                                                         config.pretrained)
+        spec = model_spec(index, config.model, config.pretrained)
         key = (spec, config.precision, config.runtime, config.device)
         if key not in encoders:
             encoder = create_encoder(spec, config.runtime, device=config.device, precision=config.precision)
